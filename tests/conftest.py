@@ -1,0 +1,82 @@
+"""Shared, expensive fixtures: a real Prefect server, the lab's photos over HTTP, and pipeline runs.
+
+Everything here is real: a `prefect server` process, `fruitflow` run as a subprocess with real papermill
+kernels, an MLflow SQLite store, and an HTTP server on 127.0.0.1. Servers bind to free ports so parallel
+CI jobs don't collide, and one pipeline run is shared by every test that only inspects it.
+"""
+from __future__ import annotations
+import functools, http.server, json, os, shutil, socket, subprocess, sys, threading, time, urllib.request
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAB_IMAGES = ROOT.parent/"shared"/"data"/"lab-images"
+BIN = Path(sys.executable).parent
+FAST = ["--epochs", "1", "--image-size", "32", "--batch-size", "4"]  # tiny runs: the tests check plumbing, not accuracy
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def wait_http(url: str, timeout: float = 180, proc: subprocess.Popen|None = None) -> None:
+    "Wait until `url` answers 200, failing early if `proc` died."
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None: raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200: return
+        except OSError: pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    "A real Prefect server on a free loopback port, shared by the session: its API URL."
+    home, port = tmp_path_factory.mktemp("prefect_home"), free_port()
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
+    log = open(home/"server.log", "w")
+    proc = subprocess.Popen([BIN/"prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", 240, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try: proc.wait(30)
+        except subprocess.TimeoutExpired: proc.kill()
+
+@pytest.fixture(scope="session")
+def lab_site():
+    "The lab's photos served over HTTP on 127.0.0.1 in the upstream layout (apples/, oranges/): the base URL."
+    if not LAB_IMAGES.is_dir(): pytest.skip(f"{LAB_IMAGES} is missing")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(LAB_IMAGES))
+    handler.func.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/"
+    srv.shutdown()
+
+def fruitflow(*args, workdir: Path, env: dict|None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    "Run the `fruitflow` command in `workdir` and return its completed process (text output)."
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | (env or {})
+    return subprocess.run([str(BIN/"fruitflow"), *map(str, args)], cwd=workdir, env=e, capture_output=True, text=True, timeout=timeout)
+
+def mlflow_client(workdir: Path):
+    from mlflow import MlflowClient
+    return MlflowClient(f"sqlite:///{Path(workdir).resolve()}/mlflow.db")
+
+def runs(workdir: Path, experiment: str = "fruitflow"):
+    "The MLflow runs of `experiment` in the embedded store of `workdir`, newest first."
+    c = mlflow_client(workdir)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], order_by=["start_time DESC"]) if exp else []
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory, prefect_api):
+    "One complete pipeline run on a small synthetic set: (workdir, completed process, MLflow run)."
+    wd = tmp_path_factory.mktemp("synthetic")
+    p = fruitflow("run", "--source", "synthetic", "--n-per-class", "8", *FAST, workdir=wd, env={"PREFECT_API_URL": prefect_api})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return wd, p, runs(wd)[0]

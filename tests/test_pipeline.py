@@ -1,0 +1,75 @@
+"The whole pipeline, run for real: Prefect server, papermill kernels, MLflow store, HTTP downloads."
+import json
+from pathlib import Path
+import pytest
+from conftest import FAST, fruitflow, mlflow_client, runs
+
+STEPS = ["01_download", "02_preprocess", "03_train", "04_evaluate", "05_register"]
+
+def _artifacts(client, run_id, path=""):
+    out = []
+    for a in client.list_artifacts(run_id, path): out += _artifacts(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+def check_complete_run(wd: Path, run, epochs: int):
+    "Everything one pipeline execution must leave in MLflow."
+    c = mlflow_client(wd)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == str(epochs) and run.data.params["batch_size"] == "4"
+    assert len(c.get_metric_history(run.info.run_id, "loss")) == epochs  # autologged per epoch
+    assert {"test_loss", "test_accuracy", "f1_apple", "recall_orange"} <= set(run.data.metrics)
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    arts = _artifacts(c, run.info.run_id)
+    assert "weights/model.weights.h5" in arts and "evaluation/confusion_matrix.png" in arts
+    assert [f"notebooks/{s}.ipynb" for s in STEPS] == sorted(a for a in arts if a.startswith("notebooks/"))
+    mv = c.get_model_version("fruitflow", run.data.tags["registered_version"])
+    assert mv.tags["run_id"] == run.info.run_id and mv.aliases, mv
+    run_dir = Path(run.data.tags["run_dir"])
+    assert all((run_dir/f"{s}.ipynb").exists() for s in STEPS)
+
+def test_synthetic_run(synthetic_run):
+    wd, proc, run = synthetic_run
+    check_complete_run(wd, run, epochs=1)
+    assert len(runs(wd)) == 1  # exactly one MLflow run per pipeline execution
+    assert run.data.tags["data_source"] == "synthetic"
+    out = proc.stdout
+    assert all(f"[{i}/5] {s[3:]} done in" in out for i, s in enumerate(STEPS, 1)), out
+    assert f"MLflow run {run.info.run_id}: test accuracy" in out
+
+def test_lab_images_over_http(tmp_path, prefect_api, lab_site):
+    p = fruitflow("run", "--source", "github", "--base-url", lab_site, *FAST, workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    check_complete_run(tmp_path, run, epochs=1)
+    assert run.data.tags["data_source"] == "github"
+    assert run.data.metrics["n_images"] == 19  # the lab's copy lacks apple-5: skipped on a 404, not an error
+    assert any(l.strip().startswith("skipped") and "apple-5.jpeg" in l and "404" in l for l in p.stdout.splitlines()), p.stdout
+    fetched = sorted(Path(tmp_path, "data/github").glob("*/*.jpeg"))
+    assert len(fetched) == 19 and not list(Path(tmp_path, "data").rglob("*.part"))
+
+def test_failing_step_leaves_run_failed(tmp_path, prefect_api):
+    "A class folder without one usable image: preprocess fails, the run is FAILED, the notebook is kept."
+    src = tmp_path/"photos"
+    for c in ("apple", "orange"): (src/c).mkdir(parents=True)
+    from fruitflow.download import draw
+    for i in range(4): draw("apple", i, 48).save(src/"apple"/f"{i}.png")
+    (src/"orange"/"orange.jpg").write_text("<html>not a photo</html>")
+    wd = tmp_path/"work"; wd.mkdir()
+    p = fruitflow("run", "--source", src, *FAST, workdir=wd, env={"PREFECT_API_URL": prefect_api})
+    assert p.returncode == 1
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "step 'preprocess' failed" in err[0] and "class 'orange'" in err[0], p.stderr
+    assert "Traceback" not in p.stderr
+    (run,) = runs(wd)
+    assert run.info.status == "FAILED" and run.data.tags["failed_step"] == "preprocess"
+    kept = Path(err[0].rsplit("executed notebook: ", 1)[1].rstrip(")"))
+    assert kept.exists() and "DataError" in kept.read_text()
+    assert "notebooks/02_preprocess.ipynb" in _artifacts(mlflow_client(wd), run.info.run_id)
+
+@pytest.mark.parametrize("args, says", [(["--epochs", "0"], "--epochs"), (["--source", "/no/such/place"], "--source"),
+                                        (["--batch-size", "many"], "--batch-size"), (["--model", "huge"], "--model")])
+def test_bad_option_is_one_line_and_starts_nothing(tmp_path, args, says):
+    p = fruitflow("run", *args, workdir=tmp_path, timeout=60)
+    assert p.returncode == 2 and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1 and says in p.stderr, p.stderr
+    assert not (tmp_path/"runs").exists() and not (tmp_path/"mlflow.db").exists()
