@@ -1,0 +1,65 @@
+"""Latency and throughput of `fruitflow serve` beside in-process prediction on the same images.
+
+Start a server first (`fruitflow serve`), then, from the folder whose registry it uses:
+
+    python benchmarks/serve.py --url http://127.0.0.1:5001 --images ../shared/data/lab-images
+
+One-image requests: p50/p95 latency; batches (one multipart request of --batch images): images/s. The same
+images go through `fruitflow.serve.load_model(...)` in this process (decode check + one `predict` call,
+what `fruitflow predict` does), and the ratio HTTP / in-process is printed.
+"""
+from __future__ import annotations
+import argparse, http.client, json, statistics, sys, time
+from pathlib import Path
+
+def _multipart(files: list[Path], boundary: str = "fruitflow-bench-7c1e") -> tuple[bytes, dict]:
+    "A multipart/form-data body with one `file` part per file, and its headers."
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{p.name}"\r\n\r\n'.encode() + p.read_bytes() + b"\r\n" for p in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+def _post(conn: http.client.HTTPConnection, body: bytes, headers: dict) -> float:
+    "POST /predict on a kept-alive connection: seconds until the whole answer is in."
+    t0 = time.perf_counter()
+    conn.request("POST", "/predict", body, headers)
+    r = conn.getresponse(); data = r.read()
+    if r.status != 200: sys.exit(f"benchmarks/serve.py: /predict answered {r.status}: {data[:200]!r}")
+    return time.perf_counter() - t0
+
+def _timed(f, *args) -> float:
+    "Seconds `f(*args)` takes."
+    t0 = time.perf_counter(); f(*args); return time.perf_counter() - t0
+
+def _pct(xs: list[float], q: float) -> float: return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
+
+def main():
+    a = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a.add_argument("--url", default="http://127.0.0.1:5001", help="the running `fruitflow serve`")
+    a.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[2]/"shared"/"data"/"lab-images", help="folder of images (searched recursively)")
+    a.add_argument("--n", type=int, default=50, help="one-image requests to time")
+    a.add_argument("--batch", type=int, default=8, help="images per batch request")
+    a.add_argument("--rounds", type=int, default=5, help="batch requests to time")
+    a.add_argument("--max-kb", type=int, default=600, help="skip image files larger than this")
+    args = a.parse_args()
+    files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p.stat().st_size <= args.max_kb * 1024)
+    if not files: sys.exit(f"benchmarks/serve.py: no images in {args.images}")
+    batch = (files * args.batch)[:args.batch]
+
+    conn = http.client.HTTPConnection(*args.url.removeprefix("http://").split(":"), timeout=120)
+    conn.request("GET", "/model"); info = json.loads(conn.getresponse().read())
+    one = [_post(conn, files[i % len(files)].read_bytes(), {"Content-Type": "application/octet-stream"}) for i in range(args.n + 2)][2:]
+    body, headers = _multipart(batch)
+    many = [_post(conn, body, headers) for _ in range(args.rounds + 1)][1:]
+
+    from fruitflow.serve import label_files, load_model
+    model, _ = load_model(info["uri"])
+    local_one = [_timed(label_files, model, [files[i % len(files)]]) for i in range(args.n + 2)][2:]
+    local_many = [_timed(label_files, model, batch) for _ in range(args.rounds + 1)][1:]
+
+    print(f"model {info['uri']} (version {info['version']}); {len(files)} images, batches of {len(batch)}")
+    print(f"{'':24}{'HTTP':>10}{'in-process':>12}{'ratio':>8}")
+    for name, h, l in [("one image p50 (ms)", _pct(one, 50) * 1e3, _pct(local_one, 50) * 1e3),
+                       ("one image p95 (ms)", _pct(one, 95) * 1e3, _pct(local_one, 95) * 1e3),
+                       ("batch images/s", len(batch) / statistics.median(many), len(batch) / statistics.median(local_many))]:
+        print(f"{name:24}{h:10.1f}{l:12.1f}{h / l:8.2f}")
+
+if __name__ == "__main__": main()

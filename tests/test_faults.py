@@ -1,0 +1,73 @@
+"Faults caused for real: a killed kernel, a cell past its time limit, SIGTERM mid-training, unreachable servers."
+import os, signal, subprocess, sys, time
+from pathlib import Path
+import psutil, pytest
+from conftest import BIN, FAST, free_port, fruitflow, runs
+
+SLOW_TRAIN = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--batch-size", "2", "--epochs", "400"]
+
+def _start(wd: Path, prefect_api: str, *args) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | {"PREFECT_API_URL": prefect_api}
+    return subprocess.Popen([str(BIN/"fruitflow"), "run", *args], cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    "Read the process's output until `text` appears."
+    seen, end = "", time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None: break
+        seen += line
+        if text in line: return seen
+    raise AssertionError(f"{text!r} never appeared:\n{seen}\n{proc.stderr.read() if proc.poll() is not None else ''}")
+
+def _kernels(proc: subprocess.Popen) -> list:
+    try: return [p for p in psutil.Process(proc.pid).children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
+    except psutil.NoSuchProcess: return []
+
+def test_killed_kernel_fails_the_run(tmp_path, prefect_api):
+    proc = _start(tmp_path, prefect_api, *SLOW_TRAIN)
+    _wait_for(proc, "Epoch 2/")
+    (kernel,) = _kernels(proc)
+    kernel.kill()
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err
+    assert "step 'train' failed" in err and "kernel died" in err and "Traceback" not in err, err
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED" and run.data.tags["failed_step"] == "train"
+
+def test_cell_over_the_time_limit_fails_the_run(tmp_path, prefect_api):
+    "A 2 s limit: some cell (at the latest train's TensorFlow import, ~6 s) runs past it; nbclient interrupts it."
+    p = fruitflow("run", *SLOW_TRAIN, "--step-timeout", "2", workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
+    assert p.returncode == 1
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "failed: a cell ran longer than the step's limit of 2 s" in err[0], p.stderr
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED" and f"step '{run.data.tags['failed_step']}' failed" in err[0]
+
+def test_sigterm_during_training_kills_run_and_kernel(tmp_path, prefect_api):
+    proc = _start(tmp_path, prefect_api, *SLOW_TRAIN)
+    _wait_for(proc, "Epoch 2/")
+    kernels = _kernels(proc)
+    assert kernels
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "KILLED" in err and "Traceback" not in err, err
+    (run,) = runs(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags.get("failed_step") == "train"
+    psutil.wait_procs(kernels, timeout=30)
+    assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kernels), "kernel left running"
+
+def test_unreachable_mlflow_server_is_one_line_within_10_s(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    t = time.monotonic()
+    p = fruitflow("run", "--source", "synthetic", workdir=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=60)
+    assert time.monotonic() - t < 10
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and uri in p.stderr, p.stderr
+    assert not (tmp_path/"mlflow.db").exists() and not (tmp_path/"runs").exists()
+
+def test_unreachable_prefect_server_is_one_line(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/api"
+    p = fruitflow("run", "--source", "synthetic", workdir=tmp_path, env={"PREFECT_API_URL": url}, timeout=60)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and url in p.stderr, p.stderr
+    assert not (tmp_path/"runs").exists()
