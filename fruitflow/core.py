@@ -12,12 +12,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # %% auto #0
 __all__ = ['MAX_PIXELS', 'MIN_SIDE', 'ImageError', 'load_image', 'to_array', 'list_images', 'step_run']
 
-# %% ../nbs/00_core.ipynb #a6b1f57b
+# %% ../nbs/00_core.ipynb #0b02fd3d
 MAX_PIXELS = 40_000_000  # refuse images above this many pixels (decompression bombs) before decoding
 MIN_SIDE = 8  # refuse images smaller than this on either side (icons, tracking pixels)
 
 class ImageError(ValueError):
-    "A file that is not a usable image; the message names it and says why."
+    "A file that is not a usable image; the message names it and says why, `kind` says it for programs."
+    def __init__(self, msg: str, kind: str = "unreadable"):  # empty | unreadable | too_large | too_small
+        super().__init__(msg); self.kind = kind
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     "Flatten any mode (palette, RGBA, CMYK, 16-bit grey) onto RGB, transparency onto white."
@@ -35,17 +37,17 @@ def load_image(src: str|Path|bytes,  # a path, or the file's bytes
               ) -> Image.Image:
     "Decode `src` by its content into an RGB image with its EXIF orientation applied."
     name = name or ("<bytes>" if isinstance(src, bytes) else str(src))
-    if not isinstance(src, bytes) and Path(src).stat().st_size == 0: raise ImageError(f"{name}: empty file")
+    if not isinstance(src, bytes) and Path(src).stat().st_size == 0: raise ImageError(f"{name}: empty file", "empty")
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             w, h = im.size
-            if w * h > max_pixels: raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,}")
-            if min(w, h) < MIN_SIDE: raise ImageError(f"{name}: {w}x{h} pixels is too small to classify")
+            if w * h > max_pixels: raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,}", "too_large")
+            if min(w, h) < MIN_SIDE: raise ImageError(f"{name}: {w}x{h} pixels is too small to classify", "too_small")
             im.load()
             return _to_rgb(ImageOps.exif_transpose(im))
     except ImageError: raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: more pixels than the limit of {max_pixels:,} (a decompression bomb?)") from e
+        raise ImageError(f"{name}: more pixels than the limit of {max_pixels:,} (a decompression bomb?)", "too_large") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {str(e)[:80]})") from e
 

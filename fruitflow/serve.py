@@ -105,7 +105,7 @@ def predict_cmd(args: argparse.Namespace) -> int:
     if rows: print("\n".join(json.dumps(r) for r in rows) if args.json else _table(rows), flush=True)
     return 1 if errors else 0
 
-# %% ../nbs/12_serve.ipynb #f0b3d84c
+# %% ../nbs/12_serve.ipynb #6d495cd9
 class RequestError(ValueError):
     "A request the API refuses: the HTTP status and a message that does not quote the request."
     def __init__(self, status: int, msg: str): super().__init__(msg); self.status = status
@@ -132,9 +132,8 @@ def _images(content_type: str,  # the request's Content-Type
     return [("image 1", body)]
 
 def _status(e: ImageError) -> int:
-    "413 for too many pixels, 415 for what is not an image, 422 for an image that cannot be used."
-    m = str(e)
-    return 413 if "pixels" in m and "limit" in m else 415 if "not a readable image" in m or "empty" in m else 422
+    "413 for too many pixels, 422 for an image too small to use, 415 for what is not an image."
+    return {"too_large": 413, "too_small": 422}.get(e.kind, 415)
 
 # %% ../nbs/12_serve.ipynb #af374daf
 class BodyTooLarge(Exception):
