@@ -1,0 +1,44 @@
+"""Cross-validated accuracy of the default model against the lab's architecture (`--model lab`) on the lab's photos.
+
+    python benchmarks/accuracy.py [--k 3] [--repeats 2] [--epochs 10] [--image-size 96] [--images /work/shared/data/lab-images]
+
+The photos are read where they are (never copied); each model kind gets the same stratified folds and
+seeds (`fruitflow.crossval`). Prints each model's mean accuracy over all folds with its standard deviation,
+the spread of the per-seed means, and the difference. With ~19 photos a fold tests 6-7 of them: read the
+spread before the mean. A measurement on the lab's images only, not the unseen real photos of issue 6.
+"""
+import argparse, os, sys, tempfile, time
+from pathlib import Path
+
+LAB_IMAGES = Path(__file__).resolve().parent.parent.parent/"shared"/"data"/"lab-images"
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=Path, default=LAB_IMAGES, help="a folder with one sub-folder per class")
+    ap.add_argument("--models", nargs="+", default=["small", "lab"])
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="seeds to repeat the k folds with")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=8)
+    a = ap.parse_args()
+    if not a.images.is_dir(): sys.exit(f"{a.images}: no such folder (the lab's photos, one sub-folder per class)")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from fruitflow.download import write_manifest
+    from fruitflow.preprocess import preprocess
+    from fruitflow.crossval import crossval
+    work = Path(tempfile.mkdtemp(prefix="fruitflow-accuracy-"))
+    write_manifest(a.images, work/"manifest.csv")  # paths point into the shared folder
+    n = preprocess(work/"manifest.csv", work/"split", a.image_size, seed=0)["n_images"]
+    res = {}
+    for m in a.models:
+        t = time.perf_counter()
+        res[m] = crossval(work/"split", work/f"cv-{m}", m, k=a.k, repeats=a.repeats, epochs=a.epochs, batch_size=a.batch_size, seed=42)
+        res[m]["seconds"] = time.perf_counter() - t
+    print(f"\n{n} photos, {a.k} folds × {a.repeats} seeds, ≤{a.epochs} epochs, {a.image_size}px")
+    print(f"{'model':<8}{'mean acc':>9}{'std':>7}{'seed means':>24}{'seeds std':>10}{'time s':>8}")
+    for m, r in res.items():
+        print(f"{m:<8}{r['accuracy_mean']:>9.3f}{r['accuracy_std']:>7.3f}{' '.join(f'{x:.3f}' for x in r['seed_means']):>24}{r['seed_mean_std']:>10.3f}{r['seconds']:>8.0f}")
+    if {"small", "lab"} <= set(res):
+        s, l = res["small"], res["lab"]
+        print(f"\nsmall − lab: {s['accuracy_mean'] - l['accuracy_mean']:+.3f} accuracy; time ratio small/lab {s['seconds'] / l['seconds']:.2f}")

@@ -1,0 +1,61 @@
+"The hyperparameter sweep and the cross-validation, run for real: Prefect server, papermill kernels, MLflow store."
+import subprocess, sys
+from pathlib import Path
+import numpy as np
+from conftest import BIN, fruitflow, mlflow_client, runs
+
+TINY = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--width", "8"]
+
+def sweep(*args, workdir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    "`fruitflow sweep ...` as a user runs it."
+    from fruitflow import cli
+    if "fruitflow.sweep" in cli.COMMAND_MODULES: return fruitflow("sweep", *args, workdir=workdir, env=env)
+    # until cli.COMMAND_MODULES lists fruitflow.sweep: the same parser and handler, plugged in by hand
+    code = "import sys; from fruitflow import cli; cli.COMMAND_MODULES += ('fruitflow.sweep',); sys.exit(cli.main())"
+    import os
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | (env or {})
+    return subprocess.run([str(BIN/"python"), "-c", code, "sweep", *map(str, args)], cwd=workdir, env=e, capture_output=True, text=True, timeout=900)
+
+def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, prefect_api):
+    p = sweep(*TINY, "--learning-rate", "0.003", "--augment", "0", "0.5", "--workers", "2", "--min-accuracy", "0",
+              workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    all_runs = runs(tmp_path)
+    (parent,) = [r for r in all_runs if r.data.tags.get("sweep") == "true"]
+    trials = sorted((r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id), key=lambda r: int(r.data.tags["trial"]))
+    assert len(all_runs) == 3 and len(trials) == 2
+    assert parent.info.status == "FINISHED" and all(t.info.status == "FINISHED" for t in trials)
+    assert [t.data.params["augment"] for t in trials] == ["0.0", "0.5"] and all(t.data.params["epochs"] == "1" for t in trials)
+    assert all({"test_accuracy", "val_accuracy", "val_loss"} <= set(t.data.metrics) for t in trials)
+    # in parallel: each trial started before the other ended
+    assert max(t.info.start_time for t in trials) < min(t.info.end_time for t in trials)
+    # the better one on validation (accuracy, then loss) is registered, through the promotion rules
+    win = max(trials, key=lambda t: (t.data.metrics["val_accuracy"], -t.data.metrics["val_loss"], -int(t.data.tags["trial"])))
+    assert parent.data.tags["best_run_id"] == win.info.run_id
+    mv = mlflow_client(tmp_path).get_model_version("fruitflow", parent.data.tags["registered_version"])
+    assert mv.tags["run_id"] == win.info.run_id and mv.aliases == ["champion"], mv
+    assert parent.data.metrics["best_test_accuracy"] == win.data.metrics["test_accuracy"]
+    assert f"registered fruitflow version {mv.version} as @champion" in p.stdout, p.stdout
+
+def test_sweep_refuses_an_unknown_task_runner_in_one_line(tmp_path):
+    p = sweep(*TINY, "--task-runner", "prefect_nosuch.DaskTaskRunner", workdir=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "--task-runner" in p.stderr and "pip install prefect-nosuch" in p.stderr and not list(tmp_path.iterdir())
+
+def test_crossval_gives_k_accuracies_per_seed(tmp_path):
+    from mlflow import MlflowClient
+    from fruitflow.download import _synthetic, write_manifest
+    from fruitflow.preprocess import preprocess
+    from fruitflow.crossval import crossval
+    write_manifest(_synthetic(tmp_path/"images", 6, seed=0), tmp_path/"m.csv")
+    preprocess(tmp_path/"m.csv", tmp_path/"split", image_size=24, seed=0)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    rid = c.create_run(c.create_experiment("cv")).info.run_id
+    out = crossval(tmp_path/"split", tmp_path/"cv", k=3, repeats=2, epochs=1, batch_size=4, width=8, run_id=rid, tracking_uri=uri)
+    assert len(out["accuracies"]) == 6 and len(out["seed_means"]) == 2 and out["seeds"] == [42, 43]
+    assert all(0 <= a <= 1 for a in out["accuracies"])
+    assert np.isclose(out["accuracy_mean"], np.mean(out["accuracies"])) and np.isclose(out["accuracy_std"], np.std(out["accuracies"]))
+    hist = c.get_metric_history(rid, "cv_accuracy")
+    assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(6))
+    assert c.get_run(rid).data.metrics["cv_accuracy_std"] == out["accuracy_std"]
