@@ -64,17 +64,11 @@ def task_runner(path: str = THREADS,  # dotted path of a Prefect task runner cla
     if "cluster_kwargs" in params: return cls(cluster_kwargs={"n_workers": workers})  # prefect-dask
     return cls()
 
-# %% ../nbs/15_sweep.ipynb #d95371d5
-def _own_loop():
-    "Let papermill in this worker thread make its own event loop, not reuse the flow thread's."
-    from jupyter_core import utils  # it keeps the loop in a ContextVar, and Prefect copies the flow's context into worker threads
-    if isinstance(getattr(utils, "_loop", None), contextvars.ContextVar): utils._loop.set(None)
-
+# %% ../nbs/15_sweep.ipynb #58864850
 def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent_id: str, experiment_id: str, uri: str) -> dict:
     "Train and evaluate one point of the space in a nested MLflow run; its metrics, or its error."
     from mlflow import MlflowClient
     from fruitflow.flow import run_notebook, StepFailed
-    _own_loop()
     client, name = MlflowClient(uri), f"trial-{i:02d}"
     rid = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "trial": str(i)}).info.run_id
     client.log_param(rid, "image_size", point["image_size"])
@@ -111,11 +105,10 @@ def best(results: list[dict]) -> dict:
 class SweepFailed(RuntimeError):
     "A sweep none of whose trials finished."
 
-# %% ../nbs/15_sweep.ipynb #5fe6a5bc
+# %% ../nbs/15_sweep.ipynb #adfa2802
 def _preprocess(size: int, run: Config, run_dir: str, uri: str) -> dict:
     "Preprocess the downloaded images at `size` pixels into `run_dir/data-<size>/split`."
     from fruitflow.flow import run_notebook
-    _own_loop()
     d = Path(run_dir)/f"data-{size}"; d.mkdir(parents=True, exist_ok=True)
     params = dict(manifest_path=str(Path(run_dir)/"manifest.csv"), out_dir=str(d/"split"), image_size=size, seed=run.seed)
     return run_notebook("preprocess", params, d, uri, run.step_timeout, Path(run.workdir).resolve())
@@ -126,10 +119,10 @@ def _sweep(cfg: SweepConfig) -> dict:
     from mlflow import MlflowClient
     from prefect import task, runtime
     from prefect.cache_policies import NO_CACHE
-    from fruitflow.flow import _experiment, _step_params, _stderr_to, run_notebook, NOTEBOOKS
+    from fruitflow.flow import _experiment, _step_params, mlflow_client, run_notebook, NOTEBOOKS
     from fruitflow.register import register
     run, todo = cfg.run, points(cfg.space, cfg.strategy, cfg.trials, cfg.run.seed)
-    uri = run.resolved_tracking_uri(); client = MlflowClient(uri); exp = _experiment(client, run, uri)
+    uri = run.resolved_tracking_uri(); client = mlflow_client(uri); exp = _experiment(client, run, uri)
     pid = client.create_run(exp, run_name=f"sweep-{runtime.flow_run.name or 'fruitflow'}",
                             tags={"prefect.flow_run_id": str(runtime.flow_run.id or ""), "source": run.source, "sweep": "true"}).info.run_id
     run_dir = Path(run.workdir).resolve()/"runs"/f"{datetime.datetime.now():%Y%m%d-%H%M%S}-sweep-{pid[:8]}"
@@ -145,17 +138,15 @@ def _sweep(cfg: SweepConfig) -> dict:
             "download", _step_params("download", run, run_dir, {}) | dict(mlflow_run_id=pid, tracking_uri=uri), run_dir, uri, run.step_timeout, Path(run.workdir).resolve())
         print(f"download done in {time.monotonic() - t0:.1f} s", flush=True)
         sizes = sorted({p["image_size"] for p in todo})
-        with _stderr_to(run_dir/"kernels.log"):
-            prep = task(_preprocess, name="preprocess", task_run_name="preprocess-{size}", cache_policy=NO_CACHE)
-            splits = dict(zip(sizes, (f.result()["split_dir"] for f in [prep.submit(s, run, str(run_dir), uri) for s in sizes])))
+        prep = task(_preprocess, name="preprocess", task_run_name="preprocess-{size}", cache_policy=NO_CACHE)
+        splits = dict(zip(sizes, (f.result()["split_dir"] for f in [prep.submit(s, run, str(run_dir), uri) for s in sizes])))
         for s in sizes:
             client.log_artifact(pid, str(Path(splits[s])/"split.json"), f"data/{s}")
             client.log_artifact(pid, str(run_dir/f"data-{s}"/NOTEBOOKS["preprocess"]), f"notebooks/preprocess-{s}")
         print(f"preprocess done for image sizes {sizes} in {time.monotonic() - t0:.1f} s", flush=True)
-        with _stderr_to(run_dir/"kernels.log"):
-            trial = task(_trial, name="trial", task_run_name="trial-{i:02d}", cache_policy=NO_CACHE)
-            futures = [trial.submit(i, p, run, splits[p["image_size"]], str(run_dir), pid, exp, uri) for i, p in enumerate(todo, 1)]
-            results = [f.result() for f in futures]
+        trial = task(_trial, name="trial", task_run_name="trial-{i:02d}", cache_policy=NO_CACHE)
+        futures = [trial.submit(i, p, run, splits[p["image_size"]], str(run_dir), pid, exp, uri) for i, p in enumerate(todo, 1)]
+        results = [f.result() for f in futures]
         client.log_dict(pid, results, "sweep/trials.json")
         win = best(results)
         mlflow.set_tracking_uri(uri)  # register() works through MLflow's default client

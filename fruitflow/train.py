@@ -35,7 +35,7 @@ def split_info(split_dir: Path) -> dict:
     "The classes, image size and split indices preprocess recorded."
     return json.loads((Path(split_dir)/"split.json").read_text())
 
-# %% ../nbs/03_train.ipynb #9e8fd27a
+# %% ../nbs/03_train.ipynb #9dc3c3d7
 def augmentation(strength: float = 1.0, seed: int = 42) -> keras.Sequential:
     "Flips, rotation, zoom, translation, brightness, contrast and mild colour jitter, scaled by `strength`."
     s = strength
@@ -52,6 +52,7 @@ def build_model(kind: str = "small",  # small | lab
                 width: int = 16,  # filters of the first block (small)
                 augment: float = 1.0,  # augmentation strength, 0 for none (small)
                 seed: int = 42,  # seed of the augmentation
+                colour: bool = False,  # add the learned colour-histogram branch (small)
                ) -> keras.Model:
     "A fresh, uncompiled classifier of `kind`."
     inputs = keras.Input((image_size, image_size, 3))
@@ -61,47 +62,65 @@ def build_model(kind: str = "small",  # small | lab
         x = layers.Dense(64, activation="relu")(layers.Flatten()(x))
     elif kind == "small":
         x = augmentation(augment, seed)(inputs) if augment > 0 else inputs
-        x = layers.Rescaling(1 / 255)(x)
+        x = pixels = layers.Rescaling(1 / 255)(x)
         for f in (width, 2 * width, 4 * width, 8 * width):
             x = layers.MaxPooling2D()(layers.Conv2D(f, 3, padding="same", activation="relu")(x))
-        x = layers.Dropout(0.3, seed=seed)(layers.GlobalAveragePooling2D()(x))
+        x = layers.GlobalAveragePooling2D()(x)
+        if colour: x = layers.Concatenate()([x, _colour_histogram(pixels, width)])
+        x = layers.Dropout(0.3, seed=seed)(x)
     else: raise ValueError(f"model_kind {kind!r}: expected small or lab")
     return keras.Model(inputs, layers.Dense(n_classes, activation="softmax")(x), name=kind)
 
-# %% ../nbs/03_train.ipynb #ce5a402f
+def _colour_histogram(pixels, bins: int):
+    "A soft colour histogram: `bins` learned colour regions (1×1 convolutions), each pixel's share averaged over the image."
+    return layers.GlobalAveragePooling2D(name="colour_histogram")(layers.Conv2D(bins, 1, activation="relu")(pixels))
+
+# %% ../nbs/03_train.ipynb #187ac0fd
+def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    "Steps per epoch: one pass over `n` images, or more (the set repeated) so that `epochs` make `min_steps`."
+    return max(-(-n // batch_size), -(-min_steps // max(epochs, 1)), 1)
+
 def train(split_dir: Path,  # the split written by preprocess
           model_path: Path,  # where to save the model (.keras)
           model_kind: str = "small",  # small | lab
           epochs: int = 10,  # most passes over the training split
           batch_size: int = 8,  # images per step
-          learning_rate: float = 1e-3,  # Adam's step size
+          learning_rate: float = 1e-3,  # Adam's first step size (small: cosine-decayed to a tenth)
           width: int = 16,  # filters of the first block
           augment: float = 1.0,  # augmentation strength
           patience: int = 5,  # epochs without improvement before stopping
           seed: int = 42,  # seed of weights, shuffling and augmentation
+          min_steps: int | None = None,  # fewest gradient steps in all (None: 200 for small, 0 for lab)
+          min_epochs: int | None = None,  # epochs before early stopping may act or pick the best (None: half of epochs for small, 0 for lab)
+          colour: bool = False,  # small: add the colour-histogram branch (measured no better, so off by default)
+          schedule: bool | None = None,  # cosine-decay the learning rate (None: for small only)
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
     keras.utils.set_random_seed(seed)
-    info, model_path = split_info(split_dir), Path(model_path)
-    model = build_model(model_kind, info["image_size"], len(info["classes"]), width, augment, seed)
-    model.compile(keras.optimizers.Adam(learning_rate), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    info, model_path, small = split_info(split_dir), Path(model_path), model_kind == "small"
+    min_steps = (200 if small else 0) if min_steps is None else min_steps
+    min_epochs = (epochs // 2 if small else 0) if min_epochs is None else min(min_epochs, epochs - 1)
+    steps = _steps(len(info["splits"]["train"]), batch_size, epochs, min_steps)
+    lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps * epochs, alpha=0.1) if (small if schedule is None else schedule) else learning_rate
+    model = build_model(model_kind, info["image_size"], len(info["classes"]), width, augment, seed, colour)
+    model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     y = np.load(Path(split_dir)/"y.npy")[info["splits"]["train"]]
     weights = {c: len(y) / (len(info["classes"]) * max(1, (y == c).sum())) for c in range(len(info["classes"]))}
     has_val = len(info["splits"]["val"]) > 0
-    stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True)] if has_val else []
+    stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True, start_from_epoch=min_epochs)] if has_val else []
     # batch_size and shuffle=False are for autologging's record: the dataset batches and shuffles itself
-    hist = model.fit(load_split(split_dir, "train", batch_size, shuffle=True, seed=seed), epochs=epochs, verbose=2, batch_size=batch_size, shuffle=False,
-                     validation_data=load_split(split_dir, "val", batch_size) if has_val else None,
+    hist = model.fit(load_split(split_dir, "train", batch_size, shuffle=True, seed=seed).repeat(), steps_per_epoch=steps, epochs=epochs, verbose=2,
+                     batch_size=batch_size, shuffle=False, validation_data=load_split(split_dir, "val", batch_size) if has_val else None,
                      class_weight=weights, callbacks=stop).history
     model_path.parent.mkdir(parents=True, exist_ok=True)
     model.save(model_path)
     weights_path = model_path.with_suffix(".weights.h5")
     model.save_weights(weights_path)
     (meta_path := model_path.with_suffix(".json")).write_text(json.dumps({k: info[k] for k in ("classes", "image_size")}))
-    best = int(np.argmin(hist["val_loss"])) if has_val else len(hist["loss"]) - 1
+    best = (min_epochs + int(np.argmin(hist["val_loss"][min_epochs:]))) if has_val and len(hist["loss"]) > min_epochs else len(hist["loss"]) - 1
     return dict(model_path=str(model_path), weights_path=str(weights_path), meta_path=str(meta_path),
-                epochs_run=len(hist["loss"]), best_epoch=best + 1, n_params=int(model.count_params()),
-                **{k: float(v[best]) for k, v in hist.items()})
+                epochs_run=len(hist["loss"]), best_epoch=best + 1, steps_per_epoch=steps, n_params=int(model.count_params()),
+                **{k: float(v[best]) for k, v in hist.items() if k != "learning_rate"})
 
 # %% ../nbs/03_train.ipynb #5846393a
 def requirements() -> list[str]:

@@ -71,3 +71,21 @@ def test_unreachable_prefect_server_is_one_line(tmp_path):
     p = fruitflow("run", "--source", "synthetic", workdir=tmp_path, env={"PREFECT_API_URL": url}, timeout=60)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and url in p.stderr, p.stderr
     assert not (tmp_path/"runs").exists()
+
+def test_two_pipelines_at_once_in_one_workdir(tmp_path, prefect_api):
+    "Both complete on a store neither has created yet: own run folder, own MLflow run, consistent registry."
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | {"PREFECT_API_URL": prefect_api}
+    args = ["run", "--source", "synthetic", "--n-per-class", "6", *FAST]
+    procs = [subprocess.Popen([str(BIN/"fruitflow"), *args, "--seed", str(s)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in (1, 2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-2000:]
+        assert "locked" not in out + err and "Traceback" not in err
+    done = runs(tmp_path)
+    assert len(done) == 2 and all(r.info.status == "FINISHED" for r in done)
+    assert len({r.data.tags["run_dir"] for r in done}) == 2
+    from conftest import mlflow_client
+    versions = mlflow_client(tmp_path).search_model_versions("name='fruitflow'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert sorted(r.data.tags["registered_version"] for r in done) == ["1", "2"]
