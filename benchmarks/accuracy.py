@@ -1,6 +1,10 @@
 """Cross-validated accuracy of the default model against the lab's architecture (`--model lab`) on the lab's photos.
 
-    python benchmarks/accuracy.py [--k 3] [--repeats 2] [--epochs 10] [--image-size 96] [--images /work/shared/data/lab-images]
+    python benchmarks/accuracy.py [--models small lab] [--k 3] [--repeats 3] [--epochs 10] [--image-size 96] [--images /work/shared/data/lab-images]
+
+`--models` takes model kinds and the named variants of `VARIANTS` (the configurations issue 6's model work
+compared, e.g. `small-old`: the default model and training before that work), so every reported figure
+can be reproduced by name.
 
 The photos are read where they are (never copied); each model kind gets the same stratified folds and
 seeds (`fruitflow.crossval`). Prints each model's mean accuracy over all folds with its standard deviation,
@@ -10,6 +14,20 @@ spread before the mean. A measurement on the lab's images only, not the unseen r
 import argparse, os, sys, tempfile, time
 from pathlib import Path
 
+# name: (model kind, extra keyword arguments of fruitflow.train.train)
+VARIANTS = {
+    "small-old": ("small", dict(min_steps=0, min_epochs=0, colour=False, schedule=False)),  # one pass per epoch, constant rate, no colour branch
+    "small-colour": ("small", dict(colour=True)),  # the new training plus the colour-histogram branch
+}
+
+def _with_options(options: dict):
+    "Make crossval's calls of `fruitflow.train.train` pass `options` (crossval takes no extra training options)."
+    import fruitflow.train as t
+    original = t.train
+    def train(*args, **kw): return original(*args, **(kw | options))
+    t.train = train
+    return lambda: setattr(t, "train", original)
+
 LAB_IMAGES = Path(__file__).resolve().parent.parent.parent/"shared"/"data"/"lab-images"
 
 if __name__ == "__main__":
@@ -17,7 +35,7 @@ if __name__ == "__main__":
     ap.add_argument("--images", type=Path, default=LAB_IMAGES, help="a folder with one sub-folder per class")
     ap.add_argument("--models", nargs="+", default=["small", "lab"])
     ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=2, help="seeds to repeat the k folds with")
+    ap.add_argument("--repeats", type=int, default=3, help="seeds to repeat the k folds with")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -33,12 +51,15 @@ if __name__ == "__main__":
     res = {}
     for m in a.models:
         t = time.perf_counter()
-        res[m] = crossval(work/"split", work/f"cv-{m}", m, k=a.k, repeats=a.repeats, epochs=a.epochs, batch_size=a.batch_size, seed=42)
+        kind, options = VARIANTS.get(m, (m, {}))
+        undo = _with_options(options)
+        try: res[m] = crossval(work/"split", work/f"cv-{m}", kind, k=a.k, repeats=a.repeats, epochs=a.epochs, batch_size=a.batch_size, seed=42)
+        finally: undo()
         res[m]["seconds"] = time.perf_counter() - t
     print(f"\n{n} photos, {a.k} folds × {a.repeats} seeds, ≤{a.epochs} epochs, {a.image_size}px")
-    print(f"{'model':<8}{'mean acc':>9}{'std':>7}{'seed means':>24}{'seeds std':>10}{'time s':>8}")
+    print(f"{'model':<15}{'mean acc':>9}{'std':>7}{'seed means':>24}{'seeds std':>10}{'time s':>8}")
     for m, r in res.items():
-        print(f"{m:<8}{r['accuracy_mean']:>9.3f}{r['accuracy_std']:>7.3f}{' '.join(f'{x:.3f}' for x in r['seed_means']):>24}{r['seed_mean_std']:>10.3f}{r['seconds']:>8.0f}")
+        print(f"{m:<15}{r['accuracy_mean']:>9.3f}{r['accuracy_std']:>7.3f}{' '.join(f'{x:.3f}' for x in r['seed_means']):>24}{r['seed_mean_std']:>10.3f}{r['seconds']:>8.0f}")
     if {"small", "lab"} <= set(res):
         s, l = res["small"], res["lab"]
         print(f"\nsmall − lab: {s['accuracy_mean'] - l['accuracy_mean']:+.3f} accuracy; time ratio small/lab {s['seconds'] / l['seconds']:.2f}")

@@ -34,6 +34,23 @@ def test_killed_kernel_fails_the_run(tmp_path, prefect_api):
     assert "step 'train' failed" in err and "kernel died" in err and "Traceback" not in err, err
     (run,) = runs(tmp_path)
     assert run.info.status == "FAILED" and run.data.tags["failed_step"] == "train"
+    # resuming reuses download and preprocess, reruns train onwards, in the same MLflow run
+    env = {"PREFECT_API_URL": prefect_api}
+    p = fruitflow("run", "--resume", workdir=tmp_path, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "[1/5] download unchanged: reused" in p.stdout and "[2/5] preprocess unchanged: reused" in p.stdout
+    assert "[3/5] train done" in p.stdout and "[5/5] register done" in p.stdout
+    (again,) = runs(tmp_path)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    # --only evaluate: reruns that step; register still matches its key (same model, same accuracy) or is reported stale
+    p = fruitflow("run", "--only", "evaluate", workdir=tmp_path, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "[3/5] train unchanged: reused" in p.stdout and "[4/5] evaluate done" in p.stdout and "[5/5] register ..." not in p.stdout
+    (again,) = runs(tmp_path)
+    assert again.info.status == ("FINISHED" if "[5/5] register unchanged" in p.stdout else "KILLED")
+    # options of a resumed run cannot change
+    p = fruitflow("run", "--resume", "--epochs", "3", workdir=tmp_path, env=env, timeout=60)
+    assert p.returncode == 2 and "start a new run to change --epochs" in p.stderr, p.stderr
 
 def test_cell_over_the_time_limit_fails_the_run(tmp_path, prefect_api):
     "A 2 s limit: some cell (at the latest train's TensorFlow import, ~6 s) runs past it; nbclient interrupts it."
