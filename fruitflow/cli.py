@@ -9,9 +9,9 @@ from pathlib import Path
 from .flow import Config, PREFECT_HOME, STEPS
 
 # %% auto #0
-__all__ = ['KEEP_ON_RESUME', 'COMMAND_MODULES', 'resume_config', 'run', 'parser', 'config', 'main']
+__all__ = ['KEEP_ON_RESUME', 'COMMAND_MODULES', 'resume_config', 'run', 'data_options', 'parser', 'config', 'main']
 
-# %% ../nbs/11_cli.ipynb #8cd778f9
+# %% ../nbs/11_cli.ipynb #94a1c029
 def _env_defaults(workdir: Path):
     "Set fruitflow's defaults for Prefect, TensorFlow and MLflow where the user set nothing; servers `fruitflow up` started over `workdir` are used."
     from fruitflow.servers import env_from_servers
@@ -21,6 +21,7 @@ def _env_defaults(workdir: Path):
                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                  "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # the console gets fruitflow's lines; the API everything
                  "MLFLOW_LOGGING_LEVEL": "WARNING",
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # fruitflow prints the run once
                  "TF_CPP_MIN_LOG_LEVEL": "2"}.items():
         os.environ.setdefault(k, v)
 
@@ -86,7 +87,7 @@ def run(args) -> int:
           f"registered {got['model_name']} version {got['version']} as @{got['alias']} ({got['reason']})")
     return 0
 
-# %% ../nbs/11_cli.ipynb #f30e5619
+# %% ../nbs/11_cli.ipynb #eae2cc50
 COMMAND_MODULES = ("fruitflow.servers", "fruitflow.screenshots", "fruitflow.serve", "fruitflow.sweep", "fruitflow.report")  # each adds its commands with `add_parsers(sub)`
 
 class _Parser(argparse.ArgumentParser):
@@ -95,25 +96,29 @@ class _Parser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
+def data_options(p: argparse.ArgumentParser):
+    "Add the options `run` shares with other commands (`sweep`): data, model, registry, limits, work folder."
+    p.add_argument("--source", default="auto", help="auto (default: the lab's images, else synthetic), github, synthetic, a folder with one sub-folder per class, or a .zip/.tar.gz path or URL")
+    p.add_argument("--batch-size", type=int, default=8, help="images per training step (default 8)")
+    p.add_argument("--model", dest="model_kind", default="small", help="small (default CNN) or lab (the lab's architecture)")
+    p.add_argument("--seed", type=int, default=42, help="seed of data, split and training (default 42)")
+    p.add_argument("--n-per-class", type=int, default=10, help="lab images (N = 1..n) or synthetic images per class (default 10)")
+    p.add_argument("--experiment", default="fruitflow", help="MLflow experiment (default fruitflow)")
+    p.add_argument("--model-name", default="fruitflow", help="registered model name (default fruitflow)")
+    p.add_argument("--min-accuracy", type=float, default=0.5, help="lowest test accuracy of a champion (default 0.5)")
+    p.add_argument("--base-url", default=Config.model_fields["base_url"].default, help="where the lab's images are")
+    p.add_argument("--step-timeout", type=int, default=3600, help="seconds one notebook cell may run (default 3600)")
+    p.add_argument("--workdir", default=".", help="folder of data/, runs/, mlflow.db, mlartifacts/ (default: here)")
+
 def parser() -> argparse.ArgumentParser:
     "The `fruitflow` command line."
     p = _Parser(prog="fruitflow", description="A notebook-first ML pipeline: Prefect runs the step notebooks, MLflow tracks them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run the pipeline once (download → preprocess → train → evaluate → register)")
-    r.add_argument("--source", default="auto", help="auto (default: the lab's images, else synthetic), github, synthetic, a folder with one sub-folder per class, or a .zip/.tar.gz path or URL")
     r.add_argument("--epochs", type=int, default=10, help="most training epochs (default 10; early stopping may end sooner)")
-    r.add_argument("--batch-size", type=int, default=8, help="images per training step (default 8)")
     r.add_argument("--image-size", type=int, default=150, help="side of the square images (default 150)")
     r.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's step size (default 0.001)")
-    r.add_argument("--model", dest="model_kind", default="small", help="small (default CNN) or lab (the lab's architecture)")
-    r.add_argument("--seed", type=int, default=42, help="seed of data, split and training (default 42)")
-    r.add_argument("--n-per-class", type=int, default=10, help="lab images (N = 1..n) or synthetic images per class (default 10)")
-    r.add_argument("--experiment", default="fruitflow", help="MLflow experiment (default fruitflow)")
-    r.add_argument("--model-name", default="fruitflow", help="registered model name (default fruitflow)")
-    r.add_argument("--min-accuracy", type=float, default=0.5, help="lowest test accuracy of a champion (default 0.5)")
-    r.add_argument("--base-url", default=Config.model_fields["base_url"].default, help="where the lab's images are")
-    r.add_argument("--step-timeout", type=int, default=3600, help="seconds one notebook cell may run (default 3600)")
-    r.add_argument("--workdir", default=".", help="folder of data/, runs/, mlflow.db, mlartifacts/ (default: here)")
+    data_options(r)
     r.add_argument("--resume", nargs="?", const="latest", default="", metavar="RUN",
                    help="continue a run (default: the latest; or its folder, or the start of its MLflow run id): unchanged steps are reused")
     r.add_argument("--from", dest="from_step", default="", choices=STEPS, help="resume, rerunning from this step on")

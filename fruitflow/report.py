@@ -94,7 +94,7 @@ def criteria(rec: dict, ok: dict) -> str:
              (True, "The lab's questions are answered", "Questions")]
     return "\n".join(f"- [{'x' if done else ' '}] {what} ({where})" for done, what, where in items)
 
-# %% ../nbs/16_report.ipynb #05c5f71c
+# %% ../nbs/16_report.ipynb #80e3387f
 def _checked_notebook(path: Path) -> bool:
     "Is the notebook at `path` executed, every code cell with a count and no error?"
     try: nb = json.loads(Path(path).read_text())
@@ -124,7 +124,7 @@ def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_ven
         with tempfile.TemporaryDirectory(prefix="fruitflow-venv-") as d:
             print("recording the virtual environment's transcript (a fresh install: a few minutes)", flush=True)
             new["transcript-venv"], rc_v = transcript(["python3 -m venv .venv", "source .venv/bin/activate", "which python",
-                "python -c 'import sys; print(sys.prefix)'", f"pip install -q -e {shlex.quote(str(project))}", "pip show mlflow prefect | grep -E '^(Name|Version|Location)'",
+                "python -c 'import sys; print(sys.prefix)'", f"pip install -e {shlex.quote(str(project))} 2>&1 | grep -v 'is ignored: it is neither a file nor a directory' | tail -n 1", "pip show mlflow prefect | grep -E '^(Name|Version|Location)'",
                 "which fruitflow"], Path(d), env)
             if rc_v: print("the virtual environment's transcript ended with an error; see the report", file=sys.stderr)
     started = "prefect" not in running(workdir)

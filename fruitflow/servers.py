@@ -56,10 +56,11 @@ def env_from_servers(workdir: Path) -> dict[str, str]:
     if "mlflow" in r: env["MLFLOW_TRACKING_URI"] = r["mlflow"]["url"]
     return env
 
-# %% ../nbs/13_servers.ipynb #e18dc9fa
+# %% ../nbs/13_servers.ipynb #98d26dba
 def _port_free(port: int) -> bool:
     "Can a server bind `port` on the loopback address?"
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a port in TIME_WAIT after `down` is free
         try: s.bind((HOST, port)); return True
         except OSError: return False
 
@@ -84,11 +85,15 @@ def _start(name: str, port: int, workdir: Path) -> dict:
 def _wait(infos: list[dict], timeout: float, out=sys.stdout) -> list[str]:
     "Wait until every server answers its health endpoint, showing progress; the names of those that died or did not answer."
     frames, t0, pending, failed = "|/-\\", time.monotonic(), list(infos), []
+    tty = out.isatty()  # a spinner on a terminal; one line in a log or a pipe
+    if not tty: out.write(f"waiting for {', '.join(i['name'] for i in pending)} ...\n"); out.flush()
     while pending and time.monotonic() - t0 < timeout:
         failed += [i["name"] for i in pending if _start_time(i["pid"]) != i["start"]]  # died
         pending = [i for i in pending if _start_time(i["pid"]) == i["start"] and not _healthy(i)]
-        if pending: out.write(f"\r{frames[int(time.monotonic() * 4) % 4]} waiting for {', '.join(i['name'] for i in pending)} ... {time.monotonic() - t0:3.0f} s "); out.flush(); time.sleep(0.5)
-    out.write(f"\r{'ready' if not failed + pending else 'gave up'} after {time.monotonic() - t0:.0f} s{' ' * 30}\n"); out.flush()
+        if pending and tty: out.write(f"\r{frames[int(time.monotonic() * 4) % 4]} waiting for {', '.join(i['name'] for i in pending)} ... {time.monotonic() - t0:3.0f} s "); out.flush()
+        if pending: time.sleep(0.5)
+    cr, pad = ("\r", " " * 30) if tty else ("", "")
+    out.write(f"{cr}{'ready' if not failed + pending else 'gave up'} after {time.monotonic() - t0:.0f} s{pad}\n"); out.flush()
     return failed + [i["name"] for i in pending]
 
 def _group(pgid: int) -> list[int]:

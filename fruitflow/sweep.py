@@ -172,7 +172,7 @@ def sweep(cfg: SweepConfig) -> dict:
     runner = task_runner(cfg.task_runner, cfg.workers)  # an unknown runner fails before anything starts
     return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
 
-# %% ../nbs/15_sweep.ipynb #206c77c3
+# %% ../nbs/15_sweep.ipynb #cfc3a40e
 _SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "base_url", "step_timeout", "workdir")
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
@@ -231,15 +231,6 @@ def add_parsers(sub):  # the `fruitflow` command's sub-parsers
     p.add_argument("--trials", type=int, default=0, help="grid: at most this many trials (default 0: all); random: how many (default 0: 4)")
     p.add_argument("--workers", type=int, default=2, help="trials running at once (default 2)")
     p.add_argument("--task-runner", default=THREADS, help=f"dotted path of a Prefect task runner class (default {THREADS}; e.g. prefect_dask.DaskTaskRunner)")
-    p.add_argument("--source", default="auto", help="as for fruitflow run: auto, github, synthetic, a class folder, or a .zip/.tar.gz")
-    p.add_argument("--batch-size", type=int, default=8, help="images per training step (default 8)")
-    p.add_argument("--model", dest="model_kind", default="small", help="small (default CNN) or lab (the lab's architecture)")
-    p.add_argument("--seed", type=int, default=42, help="seed of data, split, training and the random search (default 42)")
-    p.add_argument("--n-per-class", type=int, default=10, help="lab images (N = 1..n) or synthetic images per class (default 10)")
-    p.add_argument("--experiment", default="fruitflow", help="MLflow experiment (default fruitflow)")
-    p.add_argument("--model-name", default="fruitflow", help="registered model name (default fruitflow)")
-    p.add_argument("--min-accuracy", type=float, default=0.5, help="lowest test accuracy of a champion (default 0.5)")
-    p.add_argument("--base-url", default=Config.model_fields["base_url"].default, help="where the lab's images are")
-    p.add_argument("--step-timeout", type=int, default=3600, help="seconds one notebook cell may run (default 3600)")
-    p.add_argument("--workdir", default=".", help="folder of data/, runs/, mlflow.db, mlartifacts/ (default: here)")
+    from fruitflow.cli import data_options  # the same data, model, registry and limit options as `fruitflow run`
+    data_options(p)
     p.set_defaults(func=sweep_cmd)

@@ -5,7 +5,7 @@ kernels, an MLflow SQLite store, and an HTTP server on 127.0.0.1. Servers bind t
 CI jobs don't collide, and one pipeline run is shared by every test that only inspects it.
 """
 from __future__ import annotations
-import functools, http.server, json, os, shutil, socket, subprocess, sys, threading, time, urllib.request
+import contextlib, functools, http.server, json, os, shutil, socket, subprocess, sys, threading, time, urllib.request
 from pathlib import Path
 import pytest
 
@@ -31,21 +31,27 @@ def wait_http(url: str, timeout: float = 180, proc: subprocess.Popen|None = None
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
+@contextlib.contextmanager
+def server_process(cmd: list, health_url: str, log: Path, **popen):
+    "Start a server process with its output in `log`, wait until `health_url` answers, stop it afterwards."
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, **popen)
+    try:
+        wait_http(health_url, 240, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try: proc.wait(30)
+        except subprocess.TimeoutExpired: proc.kill()
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     "A real Prefect server on a free loopback port, shared by the session: its API URL."
     home, port = tmp_path_factory.mktemp("prefect_home"), free_port()
     env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
-    log = open(home/"server.log", "w")
-    proc = subprocess.Popen([BIN/"prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{url}/health", 240, proc)
+    with server_process([BIN/"prefect", "server", "start", "--host", "127.0.0.1", "--port", port], f"{url}/health", home/"server.log", env=env):
         yield url
-    finally:
-        proc.terminate()
-        try: proc.wait(30)
-        except subprocess.TimeoutExpired: proc.kill()
 
 @pytest.fixture(scope="session")
 def lab_site():

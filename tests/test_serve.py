@@ -7,7 +7,7 @@ from __future__ import annotations
 import http.client, io, json, os, socket, struct, subprocess, time, zlib
 import pytest
 from PIL import Image
-from conftest import BIN, LAB_IMAGES, fruitflow, free_port, mlflow_client, wait_http
+from conftest import BIN, LAB_IMAGES, fruitflow, free_port, mlflow_client, server_process
 
 IMAGES = [LAB_IMAGES/"apples"/"apple-1.jpeg", LAB_IMAGES/"apples"/"apple-7.jpeg",
           LAB_IMAGES/"oranges"/"orange-6.jpeg", LAB_IMAGES/"oranges"/"orange-9.jpeg"]  # the smallest files
@@ -67,18 +67,11 @@ def server(registered):
     "A `fruitflow serve` process for the registered model (embedded store of the run's workdir): its URL."
     wd, _, uri = registered
     port = free_port()
-    log = open(wd/f"serve-{port}.log", "w")
-    proc = subprocess.Popen([BIN/"fruitflow", "serve", "--model", uri, "--port", str(port), "--max-body-bytes", str(MAX_BODY), "--max-pixels", str(MAX_PIXELS)],
-                            cwd=wd, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", 240, proc)
+    cmd = [BIN/"fruitflow", "serve", "--model", uri, "--port", port, "--max-body-bytes", MAX_BODY, "--max-pixels", MAX_PIXELS]
+    with server_process(cmd, f"{url}/health", wd/f"serve-{port}.log", cwd=wd, env=clean_env()):
         yield url
-    finally:
-        proc.terminate()
-        try: proc.wait(30)
-        except subprocess.TimeoutExpired: proc.kill()
-        assert "Traceback" not in (wd/f"serve-{port}.log").read_text()
+    assert "Traceback" not in (wd/f"serve-{port}.log").read_text()
 
 @pytest.fixture(scope="module")
 def in_process(registered):
