@@ -70,8 +70,10 @@ def fruitflow(*args, workdir: Path, env: dict|None = None, timeout: float = 900)
     return subprocess.run([str(BIN/"fruitflow"), *map(str, args)], cwd=workdir, env=e, capture_output=True, text=True, timeout=timeout)
 
 def mlflow_client(workdir: Path):
+    "A client of the embedded store of `workdir`, for tracking and registry alike (whatever this process set globally)."
     from mlflow import MlflowClient
-    return MlflowClient(f"sqlite:///{Path(workdir).resolve()}/mlflow.db")
+    uri = f"sqlite:///{Path(workdir).resolve()}/mlflow.db"
+    return MlflowClient(uri, registry_uri=uri)
 
 def runs(workdir: Path, experiment: str = "fruitflow"):
     "The MLflow runs of `experiment` in the embedded store of `workdir`, newest first."

@@ -1,20 +1,14 @@
 "The hyperparameter sweep and the cross-validation, run for real: Prefect server, papermill kernels, MLflow store."
-import subprocess, sys
+import subprocess
 from pathlib import Path
 import numpy as np
-from conftest import BIN, fruitflow, mlflow_client, runs
+from conftest import fruitflow, mlflow_client, runs
 
 TINY = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--width", "8"]
 
 def sweep(*args, workdir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     "`fruitflow sweep ...` as a user runs it."
-    from fruitflow import cli
-    if "fruitflow.sweep" in cli.COMMAND_MODULES: return fruitflow("sweep", *args, workdir=workdir, env=env)
-    # until cli.COMMAND_MODULES lists fruitflow.sweep: the same parser and handler, plugged in by hand
-    code = "import sys; from fruitflow import cli; cli.COMMAND_MODULES += ('fruitflow.sweep',); sys.exit(cli.main())"
-    import os
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | (env or {})
-    return subprocess.run([str(BIN/"python"), "-c", code, "sweep", *map(str, args)], cwd=workdir, env=e, capture_output=True, text=True, timeout=900)
+    return fruitflow("sweep", *args, workdir=workdir, env=env)
 
 def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, prefect_api):
     p = sweep(*TINY, "--learning-rate", "0.003", "--augment", "0", "0.5", "--workers", "2", "--min-accuracy", "0",
