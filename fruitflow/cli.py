@@ -11,7 +11,7 @@ from .flow import Config, PREFECT_HOME, STEPS
 # %% auto #0
 __all__ = ['KEEP_ON_RESUME', 'COMMAND_MODULES', 'resume_config', 'run', 'data_options', 'parser', 'config', 'main']
 
-# %% ../nbs/11_cli.ipynb #94a1c029
+# %% ../nbs/11_cli.ipynb #2b0475fe
 def _env_defaults(workdir: Path):
     "Set fruitflow's defaults for Prefect, TensorFlow and MLflow where the user set nothing; servers `fruitflow up` started over `workdir` are used."
     from fruitflow.servers import env_from_servers
@@ -27,7 +27,15 @@ def _env_defaults(workdir: Path):
 
 def _sigterm(signum, frame): raise KeyboardInterrupt("SIGTERM")
 
-# %% ../nbs/11_cli.ipynb #b37db704
+def _error_log(workdir: Path, e: BaseException) -> Path:
+    "Write `e`'s traceback to the work folder's `.fruitflow/error.log`; its path."
+    import traceback
+    log = Path(workdir).resolve()/".fruitflow"/"error.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(traceback.format_exception(e)))
+    return log
+
+# %% ../nbs/11_cli.ipynb #a033f374
 def _unreachable(url: str) -> str|None:
     "Why the server at `url` does not answer; None when it answers at all."
     import urllib.error, urllib.request
@@ -67,6 +75,7 @@ def run(args) -> int:
         except ResumeError as e:
             print(f"fruitflow run: error: {e}", file=sys.stderr)
             return 2
+    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
     _env_defaults(cfg.workdir)
     if why := _preflight(cfg):
         print(f"fruitflow run: {why}", file=sys.stderr)
@@ -80,6 +89,10 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("fruitflow run: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130
+    except Exception as e:  # not a step's failure: Prefect or MLflow themselves; the details go to a log
+        log = _error_log(cfg.workdir, e)
+        print(f"fruitflow run: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (details in {log})", file=sys.stderr)
+        return 1
     if "version" not in got:
         print(f"MLflow run {got['run_id']}: step '{cfg.only}' done; later steps not rerun, so the run is marked KILLED")
         return 0
