@@ -11,7 +11,7 @@ from .flow import Config, PREFECT_HOME, STEPS
 # %% auto #0
 __all__ = ['KEEP_ON_RESUME', 'COMMAND_MODULES', 'resume_config', 'run', 'data_options', 'parser', 'config', 'main']
 
-# %% ../nbs/11_cli.ipynb #2b0475fe
+# %% ../nbs/11_cli.ipynb #f91227a3
 def _env_defaults(workdir: Path):
     "Set fruitflow's defaults for Prefect, TensorFlow and MLflow where the user set nothing; servers `fruitflow up` started over `workdir` are used."
     from fruitflow.servers import env_from_servers
@@ -22,6 +22,9 @@ def _env_defaults(workdir: Path):
                  "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # the console gets fruitflow's lines; the API everything
                  "MLFLOW_LOGGING_LEVEL": "WARNING",
                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # fruitflow prints the run once
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # a lost tracking server fails a step within ~10 s a call, not minutes
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
                  "TF_CPP_MIN_LOG_LEVEL": "2"}.items():
         os.environ.setdefault(k, v)
 
@@ -35,22 +38,19 @@ def _error_log(workdir: Path, e: BaseException) -> Path:
     log.write_text("".join(traceback.format_exception(e)))
     return log
 
-# %% ../nbs/11_cli.ipynb #a033f374
-def _unreachable(url: str) -> str|None:
-    "Why the server at `url` does not answer; None when it answers at all."
-    import urllib.error, urllib.request
-    try:
-        with urllib.request.urlopen(url, timeout=5): return None
-    except urllib.error.HTTPError: return None
-    except Exception as e: return str(getattr(e, "reason", e))
-
+# %% ../nbs/11_cli.ipynb #fdce1f11
 def _preflight(cfg: Config) -> str|None:
-    "What keeps the servers this run would use from answering, in one line; None when all is well."
+    "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
+    from fruitflow.flow import unreachable
+    if cfg.model_kind == "mobilenet":
+        from fruitflow.core import pretrained_weights
+        try: pretrained_weights(cfg.image_size)
+        except FileNotFoundError as e: return str(e)
     uri = cfg.resolved_tracking_uri()
-    if uri.startswith(("http://", "https://")) and (why := _unreachable(uri.rstrip("/") + "/health")):
+    if why := unreachable(uri):
         return f"the MLflow server at {uri} is unreachable ({why}): start it (fruitflow up) or unset MLFLOW_TRACKING_URI"
     api = os.environ.get("PREFECT_API_URL")
-    if api and (why := _unreachable(api.rstrip("/") + "/health")):
+    if api and (why := unreachable(api)):
         return f"the Prefect server at {api} is unreachable ({why}): start it (fruitflow up) or unset PREFECT_API_URL"
 
 KEEP_ON_RESUME = ("step_timeout", "workdir", "tracking_uri", "resume", "from_step", "only")  # what a resumed run may change
@@ -80,10 +80,11 @@ def run(args) -> int:
     if why := _preflight(cfg):
         print(f"fruitflow run: {why}", file=sys.stderr)
         return 1
-    from fruitflow.flow import pipeline, StepFailed, ResumeError
+    from fruitflow.flow import pipeline, settle, StepFailed, ResumeError, TrackingLost
+    for line in settle(cfg.workdir): print(line)  # endings kept while a server was away
     signal.signal(signal.SIGTERM, _sigterm)
     try: got = pipeline(cfg)
-    except (StepFailed, ResumeError) as e:
+    except (StepFailed, ResumeError, TrackingLost) as e:
         print(f"fruitflow run: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -100,7 +101,7 @@ def run(args) -> int:
           f"registered {got['model_name']} version {got['version']} as @{got['alias']} ({got['reason']})")
     return 0
 
-# %% ../nbs/11_cli.ipynb #eae2cc50
+# %% ../nbs/11_cli.ipynb #e7cd4fbd
 COMMAND_MODULES = ("fruitflow.servers", "fruitflow.screenshots", "fruitflow.serve", "fruitflow.sweep", "fruitflow.report")  # each adds its commands with `add_parsers(sub)`
 
 class _Parser(argparse.ArgumentParser):
@@ -113,7 +114,7 @@ def data_options(p: argparse.ArgumentParser):
     "Add the options `run` shares with other commands (`sweep`): data, model, registry, limits, work folder."
     p.add_argument("--source", default="auto", help="auto (default: the lab's images, else synthetic), github, synthetic, a folder with one sub-folder per class, or a .zip/.tar.gz path or URL")
     p.add_argument("--batch-size", type=int, default=8, help="images per training step (default 8)")
-    p.add_argument("--model", dest="model_kind", default="small", help="small (default CNN) or lab (the lab's architecture)")
+    p.add_argument("--model", dest="model_kind", default="small", help="small (default CNN), lab (the lab's architecture) or mobilenet (pretrained MobileNetV2: its weights must be on this machine)")
     p.add_argument("--seed", type=int, default=42, help="seed of data, split and training (default 42)")
     p.add_argument("--n-per-class", type=int, default=10, help="lab images (N = 1..n) or synthetic images per class (default 10)")
     p.add_argument("--experiment", default="fruitflow", help="MLflow experiment (default fruitflow)")

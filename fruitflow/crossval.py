@@ -51,7 +51,7 @@ def write_fold(split_dir: Path,  # the preprocessed set
     (fold_dir/"split.json").write_text(json.dumps({k: info[k] for k in ("classes", "image_size")} | {"splits": splits}))
     return fold_dir
 
-# %% ../nbs/07_crossval.ipynb #756bd0be
+# %% ../nbs/07_crossval.ipynb #73e602e7
 def _log(run_id: str, tracking_uri: str, out: dict, params: dict):
     "Log the cross-validation's figures to the MLflow run `run_id`."
     import time
@@ -64,7 +64,7 @@ def _log(run_id: str, tracking_uri: str, out: dict, params: dict):
 
 def crossval(split_dir: Path,  # the preprocessed set: all its usable images are used
              out_dir: Path,  # where the folds' split folders and models go
-             model_kind: str = "small",  # small | lab
+             model_kind: str = "small",  # small | lab | mobilenet
              k: int = 5,  # folds
              repeats: int = 1,  # seeds seed, seed+1, ... to repeat the k folds with
              epochs: int = 10,  # most epochs per fold

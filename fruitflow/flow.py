@@ -13,10 +13,10 @@ from .download import GITHUB, ARCHIVES, _sha256
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'STATE',
-           'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'run_notebook', 'ResumeError',
-           'step_key', 'load_state', 'resumable', 'mlflow_client', 'pipeline']
+           'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'run_notebook', 'ResumeError',
+           'step_key', 'load_state', 'resumable', 'unreachable', 'mlflow_client', 'TrackingLost', 'settle', 'pipeline']
 
-# %% ../nbs/10_flow.ipynb #2c70a7fb
+# %% ../nbs/10_flow.ipynb #bebfce96
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
 NOTEBOOKS = {s: f"{i:02d}_{s}.ipynb" for i, s in enumerate(STEPS, 1)}  # nbs/01_download.ipynb, ...
 EXPERIMENT = "fruitflow"  # the MLflow experiment of pipeline runs
@@ -34,7 +34,7 @@ class Config(BaseModel):
     batch_size: int = Field(8, ge=1, le=4096)  # images per step
     image_size: int = Field(150, ge=16, le=1024)  # side of the square images
     learning_rate: float = Field(1e-3, gt=0, le=1)  # Adam's step size
-    model_kind: Literal["small", "lab"] = "small"  # the default CNN, or the lab's architecture
+    model_kind: Literal["small", "lab", "mobilenet"] = "small"  # the default CNN, the lab's architecture, or pretrained MobileNetV2
     seed: int = Field(42, ge=0)  # seed of data, split and training
     n_per_class: int = Field(10, ge=1, le=1_000_000)  # lab images (N = 1..n) or synthetic images per class
     experiment: str = Field(EXPERIMENT, min_length=1)  # MLflow experiment
@@ -78,7 +78,7 @@ def check_params(step: str, params: dict) -> None:
         if want and (not isinstance(v, want) or isinstance(v, bool) and bool not in want):
             raise TypeError(f"step {step!r}: parameter {k!r} must be {declared[k]['inferred_type_name']}, not {type(v).__name__} ({v!r})")
 
-# %% ../nbs/10_flow.ipynb #32ab41f2
+# %% ../nbs/10_flow.ipynb #67455492
 _DIRECTIVE = re.compile(r"^#\|\s*(export|exports|eval:\s*false)\s*$", re.M)
 
 def step_notebook(step: str):
@@ -103,8 +103,8 @@ def _own_event_loop():
 
 class StepFailed(RuntimeError):
     "A step notebook that did not run to its end."
-    def __init__(self, step: str, notebook: Path, reason: str):
-        self.step, self.notebook, self.reason = step, Path(notebook), reason
+    def __init__(self, step: str, notebook: Path, reason: str, scraps: dict|None = None):
+        self.step, self.notebook, self.reason, self.scraps = step, Path(notebook), reason, scraps or {}
         super().__init__(f"step '{step}' failed: {reason} (executed notebook: {notebook})")
 
 def _reason(e: BaseException, timeout: int) -> str:
@@ -112,7 +112,9 @@ def _reason(e: BaseException, timeout: int) -> str:
     from papermill.exceptions import PapermillExecutionError
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from jupyter_client.kernelspec import NoSuchKernel
-    if isinstance(e, PapermillExecutionError): return f"cell {e.exec_count} raised {e.ename}: {e.evalue}"
+    if isinstance(e, PapermillExecutionError):
+        if "Max retries exceeded" in e.evalue: return f"cell {e.exec_count} lost the MLflow server: {e.evalue.split(' failed with exception')[0]} failed after retries"
+        return f"cell {e.exec_count} raised {e.ename}: {e.evalue}"
     if isinstance(e, CellTimeoutError): return f"a cell ran longer than the step's limit of {timeout} s"
     if isinstance(e, DeadKernelError): return "the notebook's kernel died"
     if isinstance(e, NoSuchKernel): return f"no Jupyter kernel named {KERNEL!r} (pip install ipykernel)"
@@ -129,22 +131,31 @@ class _Echo:
                 print(f"    {l}", flush=True); self.logger.info(l)
     def flush(self): pass
 
+def _log_notebook(out: Path, params: dict, tracking_uri: str) -> str|None:
+    "Log the executed notebook `out` to the step's MLflow run; why it could not be, None when it was (or there is no run)."
+    if not (out.exists() and params.get("mlflow_run_id")): return None
+    if why := unreachable(tracking_uri): return f"the MLflow server at {tracking_uri} does not answer ({why})"
+    try: mlflow_client(tracking_uri).log_artifact(params["mlflow_run_id"], str(out), "notebooks")
+    except Exception as e: return f"could not log the executed notebook to MLflow ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+
 def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, timeout: int, workdir: Path) -> dict:
     "Execute the step's notebook into `run_dir` and return its scraps."
     import papermill as pm, scrapbook as sb
     from prefect import get_run_logger
     check_params(step, params)
-    out = Path(run_dir)/NOTEBOOKS[step]
+    out, failed = Path(run_dir)/NOTEBOOKS[step], None
     try:
         _own_event_loop()
         pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(workdir), progress_bar=False,
                             stdout_file=_Echo(get_run_logger()), execution_timeout=timeout, kernel_manager_class=_kernel_manager(Path(run_dir)/"kernels.log"))
-    except Exception as e: raise StepFailed(step, out, _reason(e, timeout)) from e
-    finally:
-        if out.exists() and params.get("mlflow_run_id"):
-            from mlflow import MlflowClient
-            MlflowClient(tracking_uri).log_artifact(params["mlflow_run_id"], str(out), "notebooks")
-    return {k: s.data for k, s in sb.read_notebook(str(out)).scraps.items()}
+    except Exception as e:
+        failed = StepFailed(step, out, _reason(e, timeout))
+        failed.__cause__ = e
+    finally: not_logged = _log_notebook(out, params, tracking_uri)  # on Ctrl-C too; a failed step's notebook above all
+    if failed: raise failed
+    scraps = {k: s.data for k, s in sb.read_notebook(str(out)).scraps.items()}
+    if not_logged: raise StepFailed(step, out, not_logged, scraps)  # a step is done when its record is; what it did may need undoing
+    return scraps
 
 # %% ../nbs/10_flow.ipynb #39d2fe9e
 STATE = "pipeline.json"  # in a run folder: the MLflow run id, the run's options and each completed step
@@ -185,7 +196,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #fb4bc31e
+# %% ../nbs/10_flow.ipynb #90e5339e
 @contextlib.contextmanager
 def _store_lock(tracking_uri: str):
     "Hold a lock beside an embedded SQLite store: two pipelines creating it at once would both migrate its tables."
@@ -204,6 +215,15 @@ def _experiment(client, cfg: Config, tracking_uri: str) -> str:
     local = not tracking_uri.startswith(("http://", "https://", "databricks"))
     try: return client.create_experiment(cfg.experiment, (Path(cfg.workdir).resolve()/ARTIFACTS).as_uri() if local else None)
     except MlflowException: return client.get_experiment_by_name(cfg.experiment).experiment_id  # created meanwhile
+
+def unreachable(uri: str, timeout: float = 5) -> str|None:
+    "Why the server at `uri` (an MLflow tracking URI or a Prefect API URL) does not answer its health check; None when it answers, or is no server."
+    import urllib.error, urllib.request
+    if not uri.startswith(("http://", "https://")): return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout): return None
+    except urllib.error.HTTPError: return None  # it answers
+    except Exception as e: return str(getattr(e, "reason", e))
 
 def mlflow_client(tracking_uri: str):
     "An MlflowClient; opening an embedded store the first time (which creates its tables) happens under `_store_lock`."
@@ -259,6 +279,51 @@ def _open_run(cfg: Config, client, uri: str) -> tuple[str, Path, dict, str]:
     print(f"MLflow run {run_id} ({uri}), notebooks in {run_dir}", flush=True)
     return run_id, run_dir, state, "RUNNING"
 
+PENDING = "pending.json"  # in a run folder: how its MLflow run ends, kept while the tracking server does not answer
+
+class TrackingLost(RuntimeError):
+    "The MLflow server stopped answering before the run could be ended; the ending waits in the run folder for `settle`."
+
+def _unregister(client, undo: dict) -> None:
+    "Undo a registration whose step failed after it: delete the new version and give the alias back to the champion it replaced."
+    with contextlib.suppress(Exception): client.delete_model_version(undo["model_name"], str(undo["version"]))  # gone already: fine
+    if undo.get("promoted") and undo.get("previous_champion"):
+        client.set_registered_model_alias(undo["model_name"], undo["alias"], str(undo["previous_champion"]))
+
+def _end(client, ending: dict) -> None:
+    "Apply `ending` to its MLflow run: undo a failed registration, set its tags, then its status."
+    if ending["undo"]:
+        _unregister(client, ending["undo"])
+        for t in ("registered_version", "registered_alias", "promotion"):  # the register step's own record of it
+            with contextlib.suppress(Exception): client.delete_tag(ending["run_id"], t)
+    for k, v in ending["tags"].items(): client.set_tag(ending["run_id"], k, v)
+    client.set_terminated(ending["run_id"], ending["status"])
+
+def _close(client, ending: dict, run_dir: Path, what: str) -> None:
+    "End the MLflow run as `ending` says; when its server does not answer, keep `ending` in the run folder and raise `TrackingLost`."
+    uri, why = ending["tracking_uri"], unreachable(ending["tracking_uri"])
+    if not why:
+        try: return _end(client, ending)
+        except Exception:
+            if not (why := unreachable(uri)): raise  # the server answers: a real error
+    (Path(run_dir)/PENDING).write_text(json.dumps(ending, indent=1))
+    raise TrackingLost(f"{what}; the MLflow server at {uri} does not answer ({why}), so run {ending['run_id']} is not marked {ending['status']} yet: "
+                       f"`fruitflow up` or the next `fruitflow run` will do it once the server answers (kept in {Path(run_dir)/PENDING})")
+
+def settle(workdir: Path) -> list[str]:
+    "Apply the run endings kept while their MLflow server did not answer, where it answers now; a line for each one applied."
+    done = []
+    for f in sorted((Path(workdir).resolve()/"runs").glob(f"*/{PENDING}")):
+        ending = json.loads(f.read_text())
+        if unreachable(ending["tracking_uri"], timeout=2): continue
+        client = mlflow_client(ending["tracking_uri"])
+        for nb in sorted(f.parent.glob("*.ipynb")):  # the notebooks the run could not log
+            with contextlib.suppress(Exception): client.log_artifact(ending["run_id"], str(nb), "notebooks")
+        _end(client, ending)
+        f.unlink()
+        done.append(f"MLflow run {ending['run_id']} marked {ending['status']} (its ending was kept in {f} while the server did not answer)")
+    return done
+
 def _pipeline(cfg: Config) -> dict:
     "Run (or resume) every step in one MLflow run; see `pipeline`."
     from prefect import task
@@ -267,6 +332,7 @@ def _pipeline(cfg: Config) -> dict:
     client = mlflow_client(uri)
     run_id, run_dir, state, prior = _open_run(cfg, client, uri)
     got, status, step, before, n, stale = {"run_id": run_id, "run_dir": str(run_dir)}, "FAILED", STEPS[0], "", len(STEPS), []
+    tags, undo, what = {}, {}, "the run failed"  # what `_close` records besides the status
     try:
         for i, step in enumerate(STEPS, 1):
             params = _step_params(step, cfg, run_dir, got) | dict(mlflow_run_id=run_id, tracking_uri=uri)
@@ -287,25 +353,27 @@ def _pipeline(cfg: Config) -> dict:
             state["steps"][step] = dict(key=key, scraps=scraps, seconds=round(time.monotonic() - t0, 1)); _save_state(run_dir, state)
             print(f"[{i}/{n}] {step} done in {time.monotonic() - t0:.1f} s → {run_dir/NOTEBOOKS[step]}", flush=True)
         if stale:
-            status = "KILLED"
-            client.set_tag(run_id, "error", f"--only {cfg.only}: {', '.join(stale)} not brought up to date")
+            status, what = "KILLED", f"--only {cfg.only} done"
+            tags["error"] = f"--only {cfg.only}: {', '.join(stale)} not brought up to date"
             print(f"not brought up to date after --only {cfg.only}: {', '.join(stale)}", flush=True)
-        else: status = "FINISHED"
+        else: status, what = "FINISHED", "every step finished"
         return got
     except ResumeError:
-        status = prior
+        status, what = prior, "nothing was rerun"
         raise
     except StepFailed as e:
-        client.set_tag(run_id, "failed_step", e.step); client.set_tag(run_id, "error", str(e)[:5000])
+        tags |= {"failed_step": e.step, "error": str(e)[:5000]}; what = str(e)
+        if e.step == "register" and e.scraps.get("version"):
+            undo = {k: e.scraps.get(k) for k in ("model_name", "version", "alias", "promoted", "previous_champion")}
+            tags["registration_undone"] = f"version {undo['version']} of {undo['model_name']} deleted: the step failed after making it"
         raise
     except Exception: raise
     except BaseException:  # Ctrl-C, SIGTERM (Prefect turns it into a TerminationSignal), SystemExit
-        status = "KILLED"
-        client.set_tag(run_id, "failed_step", step)
-        client.set_tag(run_id, "error", f"interrupted during step '{step}': its outputs in {run_dir} are partial")
+        status, what = "KILLED", f"interrupted during step '{step}'"
+        tags |= {"failed_step": step, "error": f"interrupted during step '{step}': its outputs in {run_dir} are partial"}
         raise
     finally:
-        client.set_terminated(run_id, status)
+        _close(client, dict(run_id=run_id, tracking_uri=uri, status=status, tags=tags, undo=undo), run_dir, what)
         _report(client, run_id, uri)
 
 def pipeline(cfg: Config) -> dict:

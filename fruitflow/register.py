@@ -27,9 +27,10 @@ def promotion(acc: float,  # the new version's test accuracy
     if acc >= c_acc: return True, f"test accuracy {acc:.3f} ≥ the champion's {c_acc:.3f} on {source}"
     return False, f"test accuracy {acc:.3f} < the champion's {c_acc:.3f} on {source}"
 
-# %% ../nbs/05_register.ipynb #0e2e68f4
-def _champion(client: MlflowClient, name: str, alias: str) -> dict|None:
-    try: return client.get_model_version_by_alias(name, alias).tags
+# %% ../nbs/05_register.ipynb #1a886f78
+def _champion(client: MlflowClient, name: str, alias: str):
+    "The version holding `alias`, None when there is none."
+    try: return client.get_model_version_by_alias(name, alias)
     except MlflowException: return None
 
 def register(model_uri: str,  # the logged model
@@ -41,12 +42,17 @@ def register(model_uri: str,  # the logged model
              challenger: str = "challenger",  # alias of a version that did not win
              min_accuracy: float = 0.5,  # floor for any champion
             ) -> dict:
-    "Register `model_uri` as a new version of `model_name` and give it `alias` or `challenger`."
+    "Register `model_uri` as a new version of `model_name` and give it `alias` or `challenger`; no version is left without its alias."
     client = MlflowClient()
-    promote, reason = promotion(test_accuracy, data_source, _champion(client, model_name, alias), min_accuracy)
+    champ = _champion(client, model_name, alias)
+    promote, reason = promotion(test_accuracy, data_source, champ.tags if champ else None, min_accuracy)
     tags = {"test_accuracy": f"{test_accuracy:.6f}", "data_source": data_source, "run_id": run_id}
     mv = mlflow.register_model(model_uri, model_name, tags=tags)
     given = alias if promote else challenger
-    client.set_registered_model_alias(model_name, given, mv.version)
+    try: client.set_registered_model_alias(model_name, given, mv.version)
+    except BaseException:
+        client.delete_model_version(model_name, mv.version)
+        raise
     print(f"registered {model_name} version {mv.version} as @{given}: {reason}")
-    return dict(model_name=model_name, version=int(mv.version), alias=given, promoted=promote, reason=reason)
+    return dict(model_name=model_name, version=int(mv.version), alias=given, promoted=promote, reason=reason,
+                previous_champion=int(champ.version) if champ else 0)

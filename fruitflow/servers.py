@@ -118,7 +118,7 @@ def _stop(info: dict, grace: float = 20) -> None:
     with contextlib.suppress(ProcessLookupError):
         if _group(pid): os.killpg(pid, signal.SIGKILL)
 
-# %% ../nbs/13_servers.ipynb #f6a77c1c
+# %% ../nbs/13_servers.ipynb #dce9d072
 def up(args) -> int:
     "`fruitflow up`: start the servers that are not running yet, wait until they answer, print their URLs."
     wd = Path(args.workdir).resolve()
@@ -139,6 +139,8 @@ def up(args) -> int:
         return 1
     r = running(wd)
     print(f"Prefect: {r['prefect']['url']}\nMLflow:  {r['mlflow']['url']}\n`fruitflow run --workdir {args.workdir}` now uses them; `fruitflow down` stops them.")
+    from fruitflow.flow import settle
+    for line in settle(wd): print(line)  # runs that ended while the server was away get their status now
     return 0
 
 def status(args) -> int:

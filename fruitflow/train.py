@@ -35,7 +35,7 @@ def split_info(split_dir: Path) -> dict:
     "The classes, image size and split indices preprocess recorded."
     return json.loads((Path(split_dir)/"split.json").read_text())
 
-# %% ../nbs/03_train.ipynb #9dc3c3d7
+# %% ../nbs/03_train.ipynb #2e652181
 def augmentation(strength: float = 1.0, seed: int = 42) -> keras.Sequential:
     "Flips, rotation, zoom, translation, brightness, contrast and mild colour jitter, scaled by `strength`."
     s = strength
@@ -46,7 +46,7 @@ def augmentation(strength: float = 1.0, seed: int = 42) -> keras.Sequential:
         layers.RandomSaturation((0.5 - 0.1 * s, 0.5 + 0.1 * s), value_range=(0, 255), seed=seed),
     ], name="augmentation")
 
-def build_model(kind: str = "small",  # small | lab
+def build_model(kind: str = "small",  # small | lab | mobilenet
                 image_size: int = 150,  # side of the square input images
                 n_classes: int = 2,  # outputs of the softmax
                 width: int = 16,  # filters of the first block (small)
@@ -68,14 +68,20 @@ def build_model(kind: str = "small",  # small | lab
         x = layers.GlobalAveragePooling2D()(x)
         if colour: x = layers.Concatenate()([x, _colour_histogram(pixels, width)])
         x = layers.Dropout(0.3, seed=seed)(x)
-    else: raise ValueError(f"model_kind {kind!r}: expected small or lab")
+    elif kind == "mobilenet":
+        from fruitflow.core import pretrained_weights
+        base = keras.applications.MobileNetV2((image_size, image_size, 3), alpha=0.35, include_top=False, weights=str(pretrained_weights(image_size)))
+        base.trainable = False  # tiny data: only the new head learns
+        x = augmentation(augment, seed)(inputs) if augment > 0 else inputs
+        x = layers.Dropout(0.3, seed=seed)(layers.GlobalAveragePooling2D()(base(layers.Rescaling(1 / 127.5, offset=-1)(x), training=False)))
+    else: raise ValueError(f"model_kind {kind!r}: expected small, lab or mobilenet")
     return keras.Model(inputs, layers.Dense(n_classes, activation="softmax")(x), name=kind)
 
 def _colour_histogram(pixels, bins: int):
     "A soft colour histogram: `bins` learned colour regions (1×1 convolutions), each pixel's share averaged over the image."
     return layers.GlobalAveragePooling2D(name="colour_histogram")(layers.Conv2D(bins, 1, activation="relu")(pixels))
 
-# %% ../nbs/03_train.ipynb #187ac0fd
+# %% ../nbs/03_train.ipynb #cbc44943
 def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     "Steps per epoch: one pass over `n` images, or more (the set repeated) so that `epochs` make `min_steps`."
     return max(-(-n // batch_size), -(-min_steps // max(epochs, 1)), 1)
@@ -97,7 +103,7 @@ def train(split_dir: Path,  # the split written by preprocess
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
     keras.utils.set_random_seed(seed)
-    info, model_path, small = split_info(split_dir), Path(model_path), model_kind == "small"
+    info, model_path, small = split_info(split_dir), Path(model_path), model_kind != "lab"  # small and mobilenet: the tiny-data recipe
     min_steps = (200 if small else 0) if min_steps is None else min_steps
     min_epochs = (epochs // 2 if small else 0) if min_epochs is None else min(min_epochs, epochs - 1)
     steps = _steps(len(info["splits"]["train"]), batch_size, epochs, min_steps)

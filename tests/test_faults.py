@@ -1,13 +1,15 @@
-"Faults caused for real: a killed kernel, a cell past its time limit, SIGTERM mid-training, unreachable servers."
-import os, signal, subprocess, sys, time
+"""Faults caused for real: a killed kernel, a cell past its time limit, SIGTERM mid-training, unreachable servers,
+an MLflow server killed mid-run, an artifact store that is full or turns read-only (real tmpfs mounts)."""
+import contextlib, json, os, signal, subprocess, sys, time
 from pathlib import Path
 import psutil, pytest
-from conftest import BIN, FAST, free_port, fruitflow, runs
+from conftest import BIN, FAST, free_port, fruitflow, mlflow_client, runs
 
 SLOW_TRAIN = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--batch-size", "2", "--epochs", "400"]
 
-def _start(wd: Path, prefect_api: str, *args) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | {"PREFECT_API_URL": prefect_api}
+def _start(wd: Path, prefect_api: str|None, *args) -> subprocess.Popen:
+    "`fruitflow run ARGS` in `wd`, running on; without `prefect_api` it finds the servers `fruitflow up` started there."
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | ({"PREFECT_API_URL": prefect_api} if prefect_api else {})
     return subprocess.Popen([str(BIN/"fruitflow"), "run", *args], cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
@@ -106,3 +108,68 @@ def test_two_pipelines_at_once_in_one_workdir(tmp_path, prefect_api):
     versions = mlflow_client(tmp_path).search_model_versions("name='fruitflow'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert sorted(r.data.tags["registered_version"] for r in done) == ["1", "2"]
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+def test_mlflow_server_lost_mid_run_ends_the_run_once_it_is_back(tmp_path):
+    "The MLflow server is killed as training starts: bounded retries, one line, and `fruitflow up` marks the run FAILED later."
+    ports = ["--prefect-port", free_port(), "--mlflow-port", free_port()]
+    assert (up := fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)).returncode == 0, up.stdout + up.stderr
+    uri = f"http://127.0.0.1:{ports[3]}"
+    try:
+        proc = _start(tmp_path, None, "--source", "synthetic", "--n-per-class", "6", *FAST)
+        _wait_for(proc, "[3/5] train ...")
+        os.killpg(json.loads((tmp_path/".fruitflow"/"mlflow.json").read_text())["pid"], signal.SIGKILL)  # the server and its workers
+        t = time.monotonic()
+        out, err = proc.communicate(timeout=300)
+        assert time.monotonic() - t < 150  # retries are bounded
+        line = _one_line(err)
+        assert proc.returncode == 1 and "step 'train' failed" in line and uri in line and "not marked FAILED yet" in line, err
+        (run,) = runs(tmp_path)  # read from the server's own store while it is down
+        assert run.info.status == "RUNNING"  # what a lost server leaves behind ...
+        again = fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)
+        assert again.returncode == 0 and f"MLflow run {run.info.run_id} marked FAILED" in again.stdout, again.stdout + again.stderr
+        (run,) = runs(tmp_path)  # ... until it is back
+        assert run.info.status == "FAILED" and run.data.tags["failed_step"] == "train" and "lost the MLflow server" in run.data.tags["error"]
+        assert not list(tmp_path.glob("runs/*/pending.json"))
+    finally: fruitflow("down", "--workdir", tmp_path, workdir=tmp_path)
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    "A real tmpfs of `size` mounted at `path` (needs mount rights: root, as in CI here)."
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode: pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): an artifact store that is full or read-only needs one")
+    try: yield path
+    finally: subprocess.run(["umount", "-l", str(path)])
+
+def test_full_artifact_store_fails_the_run_and_registers_nothing(tmp_path, prefect_api):
+    with tmpfs(tmp_path/"mlartifacts", "64k"):  # the embedded store's artifacts; a model does not fit
+        p = fruitflow("run", "--source", "synthetic", "--n-per-class", "6", *FAST, workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
+    line = _one_line(p.stderr)
+    assert p.returncode == 1 and "No space left on device" in line, p.stderr
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED" and f"step '{run.data.tags['failed_step']}' failed" in line
+    assert mlflow_client(tmp_path).search_model_versions("name='fruitflow'") == []
+
+def test_artifact_store_turning_read_only_at_register_undoes_the_registration(tmp_path, prefect_api):
+    "The register step's version is made, then its notebook cannot be logged: the version goes, the old champion keeps its alias."
+    args, env = ["--source", "synthetic", "--n-per-class", "6", "--min-accuracy", "0", *FAST], {"PREFECT_API_URL": prefect_api}
+    with tmpfs(tmp_path/"mlartifacts", "256m") as store:
+        assert (first := fruitflow("run", *args, workdir=tmp_path, env=env)).returncode == 0, first.stderr  # version 1, the champion
+        proc = _start(tmp_path, prefect_api, *args)
+        _wait_for(proc, "[5/5] register ...")
+        subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)
+        out, err = proc.communicate(timeout=300)
+    line = _one_line(err)
+    assert proc.returncode == 1 and "step 'register' failed" in line and "Read-only file system" in line, err
+    failed = runs(tmp_path)[0]
+    assert failed.info.status == "FAILED" and failed.data.tags["failed_step"] == "register"
+    assert "registered_version" not in failed.data.tags and failed.data.tags["registration_undone"].startswith("version 2 of fruitflow deleted")
+    assert "registered fruitflow version 2" in out  # it was made ...
+    c = mlflow_client(tmp_path)
+    assert [int(v.version) for v in c.search_model_versions("name='fruitflow'")] == [1]  # ... and undone
+    assert int(c.get_model_version_by_alias("fruitflow", "champion").version) == 1

@@ -1,5 +1,5 @@
 "The whole pipeline, run for real: Prefect server, papermill kernels, MLflow store, HTTP downloads."
-import json
+import json, urllib.request
 from pathlib import Path
 import pytest
 from conftest import FAST, fruitflow, mlflow_client, runs
@@ -62,6 +62,8 @@ def test_failing_step_leaves_run_failed(tmp_path, prefect_api):
     assert "Traceback" not in p.stderr
     (run,) = runs(wd)
     assert run.info.status == "FAILED" and run.data.tags["failed_step"] == "preprocess"
+    with urllib.request.urlopen(f"{prefect_api}/flow_runs/{run.data.tags['prefect.flow_run_id']}", timeout=30) as r:
+        assert json.load(r)["state"]["type"] == "FAILED"  # the Prefect flow run too
     kept = Path(err[0].rsplit("executed notebook: ", 1)[1].rstrip(")"))
     assert kept.exists() and "DataError" in kept.read_text()
     assert "notebooks/02_preprocess.ipynb" in _artifacts(mlflow_client(wd), run.info.run_id)
@@ -73,3 +75,20 @@ def test_bad_option_is_one_line_and_starts_nothing(tmp_path, args, says):
     assert p.returncode == 2 and p.stdout == ""
     assert len(p.stderr.strip().splitlines()) == 1 and says in p.stderr, p.stderr
     assert not (tmp_path/"runs").exists() and not (tmp_path/"mlflow.db").exists()
+
+def test_mobilenet_needs_local_weights_and_trains_with_them(tmp_path, prefect_api):
+    "Transfer learning, offline: one line when the weights are not here; with a local file (random stand-in weights) a full run."
+    env = {"PREFECT_API_URL": prefect_api, "HOME": str(tmp_path)}  # a home without Keras's cache
+    p = fruitflow("run", "--model", "mobilenet", "--source", "synthetic", workdir=tmp_path, env=env, timeout=60)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5" in p.stderr and "FRUITFLOW_WEIGHTS" in p.stderr
+    assert not (tmp_path/"runs").exists() and not (tmp_path/"mlflow.db").exists()
+    import h5py, keras
+    from keras.src.legacy.saving import legacy_h5_format  # the layout Keras ships the real file in
+    weights = tmp_path/"mobilenet_no_top.h5"
+    with h5py.File(weights, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, keras.applications.MobileNetV2((96, 96, 3), alpha=0.35, include_top=False, weights=None))
+    p = fruitflow("run", "--model", "mobilenet", "--source", "synthetic", "--n-per-class", "6", *FAST, workdir=tmp_path, env=env | {"FRUITFLOW_WEIGHTS": str(weights)})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.params["model_kind"] == "mobilenet" and run.data.tags["registered_version"] == "1"

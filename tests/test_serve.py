@@ -4,7 +4,7 @@ One real `fruitflow serve` process per module on a free loopback port, real HTTP
 sockets, to send exactly the bad requests a client could), the lab's photos read in place.
 """
 from __future__ import annotations
-import http.client, io, json, os, socket, struct, subprocess, time, zlib
+import http.client, io, json, os, socket, struct, subprocess, threading, time, zlib
 import pytest
 from PIL import Image
 from conftest import BIN, LAB_IMAGES, fruitflow, free_port, mlflow_client, server_process
@@ -27,14 +27,21 @@ def multipart(files: list[tuple[str, bytes]], boundary: str = "fruitflow-test-bo
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 def request(url: str, method: str, path: str, body: bytes = b"", headers: dict|None = None) -> tuple[int, bytes]:
-    "One HTTP request to the server at `url`: (status, body)."
+    """One HTTP request to the server at `url`: (status, body). The request goes out from a thread while the answer
+    is read, so an early answer (413 before the body is sent) is read before the server's hang-up can reset it."""
     host, port = url.removeprefix("http://").split(":")
-    c = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        c.request(method, path, body, headers or {})
-        r = c.getresponse()
-        return r.status, r.read()
-    finally: c.close()
+    head = {"Host": f"{host}:{port}", "Content-Length": str(len(body)), "Connection": "close"} | (headers or {})
+    data = f"{method} {path} HTTP/1.1\r\n".encode() + b"".join(f"{k}: {v}\r\n".encode() for k, v in head.items()) + b"\r\n" + body
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        def send():
+            try: s.sendall(data)
+            except OSError: pass  # the server answered and hung up: the answer is what counts
+        t = threading.Thread(target=send, daemon=True); t.start()
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        answer = r.read()
+        t.join(30)
+        return r.status, answer
 
 def raw(url: str, head: bytes, chunks: list[bytes]) -> tuple[int, float]:
     "Send `head` and then `chunks` over a socket, stopping when the server hangs up: (status, seconds to answer)."
