@@ -30,6 +30,25 @@ def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, pr
     assert mv.tags["run_id"] == win.info.run_id and mv.aliases == ["champion"], mv
     assert parent.data.metrics["best_test_accuracy"] == win.data.metrics["test_accuracy"]
     assert f"registered fruitflow version {mv.version} as @champion" in p.stdout, p.stdout
+    assert {t.data.tags["process_id"] for t in trials} == {parent.data.tags["process_id"]}  # threads: in the sweep's own process
+
+def test_sweep_runs_its_trials_in_dask_worker_processes(tmp_path, prefect_api):
+    "`--task-runner prefect_dask.DaskTaskRunner`: a local Dask cluster of two one-thread worker processes runs the trials."
+    p = sweep(*TINY, "--learning-rate", "0.003", "--augment", "0", "0.5", "--workers", "2", "--min-accuracy", "0",
+              "--task-runner", "prefect_dask.DaskTaskRunner", workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    all_runs = runs(tmp_path)
+    (parent,) = [r for r in all_runs if r.data.tags.get("sweep") == "true"]
+    trials = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.params["task_runner"] == "prefect_dask.DaskTaskRunner" and parent.info.status == "FINISHED"
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" and "test_accuracy" in t.data.metrics for t in trials)
+    # each trial in a worker process of its own, neither of them the sweep's, at the same time
+    assert len({t.data.tags["process_id"] for t in trials} | {parent.data.tags["process_id"]}) == 3, [t.data.tags for t in trials]
+    assert max(t.info.start_time for t in trials) < min(t.info.end_time for t in trials)
+    # the results came back from the workers: the best is registered and printed
+    mv = mlflow_client(tmp_path).get_model_version("fruitflow", parent.data.tags["registered_version"])
+    assert mv.tags["run_id"] == parent.data.tags["best_run_id"] in {t.info.run_id for t in trials}
+    assert f"registered fruitflow version {mv.version} as @champion" in p.stdout and "[trial-02] done" in p.stdout, p.stdout
 
 def test_sweep_refuses_an_unknown_task_runner_in_one_line(tmp_path):
     p = sweep(*TINY, "--task-runner", "prefect_nosuch.DaskTaskRunner", workdir=tmp_path)
