@@ -17,11 +17,11 @@ from pathlib import Path
 def execute(step: str, params: dict, out: Path, cwd: Path):
     "Run one step notebook as the flow does; its wall time and executed cells."
     import papermill as pm, nbformat
-    from fruitflow.flow import step_notebook, KERNEL, _stderr_to
+    from fruitflow.flow import step_notebook, KERNEL, _kernel_manager
     out.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    with _stderr_to(cwd/"kernels.log"):  # the kernels' start-up chatter, as in the flow
-            pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(cwd), progress_bar=False)
+    pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(cwd), progress_bar=False,
+                        kernel_manager_class=_kernel_manager(cwd/"kernels.log"))  # the kernels' start-up chatter goes there, as in the flow
     wall = time.perf_counter() - t
     return wall, nbformat.read(out, as_version=4).cells
 

@@ -101,7 +101,7 @@ def run(args) -> int:
           f"registered {got['model_name']} version {got['version']} as @{got['alias']} ({got['reason']})")
     return 0
 
-# %% ../nbs/11_cli.ipynb #e7cd4fbd
+# %% ../nbs/11_cli.ipynb #cc602e8e
 COMMAND_MODULES = ("fruitflow.servers", "fruitflow.screenshots", "fruitflow.serve", "fruitflow.sweep", "fruitflow.report")  # each adds its commands with `add_parsers(sub)`
 
 class _Parser(argparse.ArgumentParser):
@@ -130,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run the pipeline once (download → preprocess → train → evaluate → register)")
     r.add_argument("--epochs", type=int, default=10, help="most training epochs (default 10; early stopping may end sooner)")
-    r.add_argument("--image-size", type=int, default=150, help="side of the square images (default 150)")
+    r.add_argument("--image-size", type=int, default=96, help="side of the square images (default 96; the lab used 150)")
     r.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's step size (default 0.001)")
     data_options(r)
     r.add_argument("--resume", nargs="?", const="latest", default="", metavar="RUN",

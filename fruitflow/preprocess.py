@@ -26,13 +26,13 @@ def _split(labels: np.ndarray, val_ratio: float, test_ratio: float, seed: int) -
         out["train"] += idx[n_test + n_val:].tolist()
     return {k: sorted(v) for k, v in out.items()}
 
-# %% ../nbs/02_preprocess.ipynb #5bbe4504
+# %% ../nbs/02_preprocess.ipynb #41719c0a
 def _read_manifest(path):
     with open(path, newline="") as f: return list(csv.DictReader(f))
 
 def preprocess(manifest_path: Path,  # the manifest CSV of the download step
                out_dir: Path,  # where x.npy, y.npy and split.json go
-               image_size: int = 150,  # side of the square images
+               image_size: int = 96,  # side of the square images
                val_ratio: float = 0.2,  # share of each class for validation
                test_ratio: float = 0.1,  # share of each class for the test
                seed: int = 42,  # seed of the split
