@@ -81,7 +81,7 @@ def test_mobilenet_needs_local_weights_and_trains_with_them(tmp_path, prefect_ap
     env = {"PREFECT_API_URL": prefect_api, "HOME": str(tmp_path)}  # a home without Keras's cache
     p = fruitflow("run", "--model", "mobilenet", "--source", "synthetic", workdir=tmp_path, env=env, timeout=60)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5" in p.stderr and "FRUITFLOW_WEIGHTS" in p.stderr
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5" in p.stderr and "FRUITFLOW_WEIGHTS" in p.stderr  # at the default 96 px
     assert not (tmp_path/"runs").exists() and not (tmp_path/"mlflow.db").exists()
     import h5py, keras
     from keras.src.legacy.saving import legacy_h5_format  # the layout Keras ships the real file in
