@@ -196,7 +196,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #90e5339e
+# %% ../nbs/10_flow.ipynb #d93f9e75
 @contextlib.contextmanager
 def _store_lock(tracking_uri: str):
     "Hold a lock beside an embedded SQLite store: two pipelines creating it at once would both migrate its tables."
@@ -319,7 +319,10 @@ def settle(workdir: Path) -> list[str]:
         client = mlflow_client(ending["tracking_uri"])
         for nb in sorted(f.parent.glob("*.ipynb")):  # the notebooks the run could not log
             with contextlib.suppress(Exception): client.log_artifact(ending["run_id"], str(nb), "notebooks")
-        _end(client, ending)
+        try: _end(client, ending)
+        except Exception as e:  # the run deleted meanwhile, say: say so, keep the record
+            done.append(f"could not end MLflow run {ending['run_id']} as {f} says: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            continue
         f.unlink()
         done.append(f"MLflow run {ending['run_id']} marked {ending['status']} (its ending was kept in {f} while the server did not answer)")
     return done
