@@ -15,7 +15,7 @@ Issue 6, benchmark 1. All sides get the same images, the lab's 19 photos (`DIR`,
 MLFLOW_* and PREFECT_* are removed from every subprocess's environment, so (b) uses the embedded defaults and
 (c) finds the servers only through `fruitflow up`'s pid files. Every side downloads the images afresh: the lab
 script wipes its dataset/, (b) has a fresh folder, (c)'s data/ is removed before each run. fruitflow runs its
-defaults (150 px, batch 8, the `small` model, which trains at least 200 steps whatever the set's size; the
+defaults (96 px, batch 8, the `small` model, which trains at least 200 steps whatever the set's size; the
 lab's model trains 2 steps an epoch), so "same epochs" is not "same training work": `--model lab` narrows that.
 Per-step times of (b) and (c) come from their "[i/5] step done in X s" lines; "outside steps" is everything
 else (interpreter and Prefect start-up, opening the MLflow run). Targets: (b)/(a) ≤ 1.0, (c)/(a) ≤ 0.5.
