@@ -3,8 +3,10 @@
     python benchmarks/accuracy.py [--models small lab] [--k 3] [--repeats 3] [--epochs 10] [--image-size 96] [--images /work/shared/data/lab-images]
 
 `--models` takes model kinds and the named variants of `VARIANTS` (the configurations issue 6's model work
-compared, e.g. `small-old`: the default model and training before that work), so every reported figure
-can be reproduced by name.
+compared, e.g. `small-old`: the default model and training before that work; `small+synthetic40`: every
+training fold mixed with 40 synthetic photos per class from fruitflow's generator, `train(synthetic=40)`,
+the test and validation images all real: what `fruitflow run` trains by default), so every reported figure
+can be reproduced by name. Plain `small` and `lab` mix in nothing.
 
 The photos are read where they are (never copied); each model kind gets the same stratified folds and
 seeds (`fruitflow.crossval`). Prints each model's mean accuracy over all folds with its standard deviation,
@@ -14,10 +16,12 @@ spread before the mean. A measurement on the lab's images only, not the unseen r
 import argparse, os, sys, tempfile, time
 from pathlib import Path
 
-# name: (model kind, extra keyword arguments of fruitflow.train.train)
+# name: (model kind, extra keyword arguments of fruitflow.train.train, synthetic photos per class mixed into each training fold)
 VARIANTS = {
-    "small-old": ("small", dict(min_steps=0, min_epochs=0, colour=False, schedule=False)),  # one pass per epoch, constant rate, no colour branch
-    "small-colour": ("small", dict(colour=True)),  # the new training plus the colour-histogram branch
+    "small-old": ("small", dict(min_steps=0, min_epochs=0, colour=False, schedule=False), 0),  # one pass per epoch, constant rate, no colour branch
+    "small-colour": ("small", dict(colour=True), 0),  # the new training plus the colour-histogram branch
+    "small+synthetic10": ("small", {}, 10),  # the default model, its training folds mixed with synthetic photos
+    "small+synthetic40": ("small", {}, 40),  # what the pipeline trains by default
 }
 
 def _with_options(options: dict):
@@ -33,7 +37,7 @@ LAB_IMAGES = Path(__file__).resolve().parent.parent.parent/"shared"/"data"/"lab-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=Path, default=LAB_IMAGES, help="a folder with one sub-folder per class")
-    ap.add_argument("--models", nargs="+", default=["small", "lab"])
+    ap.add_argument("--models", nargs="+", default=["small+synthetic40", "small", "lab"])
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="seeds to repeat the k folds with")
     ap.add_argument("--epochs", type=int, default=10)
@@ -51,9 +55,9 @@ if __name__ == "__main__":
     res = {}
     for m in a.models:
         t = time.perf_counter()
-        kind, options = VARIANTS.get(m, (m, {}))
+        kind, options, synthetic = VARIANTS.get(m, (m, {}, 0))
         undo = _with_options(options)
-        try: res[m] = crossval(work/"split", work/f"cv-{m}", kind, k=a.k, repeats=a.repeats, epochs=a.epochs, batch_size=a.batch_size, seed=42)
+        try: res[m] = crossval(work/"split", work/f"cv-{m}", kind, k=a.k, repeats=a.repeats, epochs=a.epochs, batch_size=a.batch_size, seed=42, synthetic=synthetic)
         finally: undo()
         res[m]["seconds"] = time.perf_counter() - t
     print(f"\n{n} photos, {a.k} folds × {a.repeats} seeds, ≤{a.epochs} epochs, {a.image_size}px")

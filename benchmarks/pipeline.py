@@ -10,16 +10,19 @@ Issue 6, benchmark 1. All sides get the same images, the lab's 19 photos (`DIR`,
   (b) `fruitflow run --source github` from cold on the embedded defaults: a fresh work folder, so Prefect's
       temporary server starts on a fresh `prefect_home` and MLflow writes a new SQLite store;
   (c) the same `fruitflow run` with the servers already up (the lab's way of working): `fruitflow up` on free
-      ports before the clock starts (its time is printed, not counted), `fruitflow down` after.
+      ports before the clock starts (its time is printed, not counted), `fruitflow down` after;
+  (d) right after (c), on the same servers: `fruitflow run --kernels-ahead 0`, each step's kernel started (and
+      its modules imported) when the step starts rather than ahead of it, fruitflow's way before; (c)/(d) is
+      what starting kernels ahead saves (any advantage of running second goes to (d)).
 
 MLFLOW_* and PREFECT_* are removed from every subprocess's environment, so (b) uses the embedded defaults and
-(c) finds the servers only through `fruitflow up`'s pid files. Every side downloads the images afresh: the lab
-script wipes its dataset/, (b) has a fresh folder, (c)'s data/ is removed before each run. fruitflow runs its
+(c) and (d) find the servers only through `fruitflow up`'s pid files. Every side downloads the images afresh: the lab
+script wipes its dataset/, (b) has a fresh folder, (c)'s and (d)'s data/ is removed before each run. fruitflow runs its
 defaults (96 px, batch 8, the `small` model, which trains at least 200 steps whatever the set's size; the
 lab's model trains 2 steps an epoch), so "same epochs" is not "same training work": `--model lab` narrows that.
-Per-step times of (b) and (c) come from their "[i/5] step done in X s" lines; "outside steps" is everything
+Per-step times of (b), (c) and (d) come from their "[i/5] step done in X s" lines; "outside steps" is everything
 else (interpreter and Prefect start-up, opening the MLflow run). Targets: (b)/(a) ≤ 1.0, (c)/(a) ≤ 0.5.
-The sides run one after another, (a) (b) (c) in each repeat. A measurement, not a test: run it twice.
+The sides run one after another, (a) (b) (c) (d) in each repeat. A measurement, not a test: run it twice.
 """
 import argparse, contextlib, functools, http.server, os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 from pathlib import Path
@@ -67,40 +70,44 @@ def lab(base: str, work: Path, a) -> dict:
     s, _ = timed([sys.executable, ROOT/"benchmarks"/"lab_script.py", "--base-url", base, "--epochs", a.epochs, "--workdir", work], work)
     return dict(total=s, steps={})
 
-def run(base: str, work: Path, a) -> dict:
-    "`fruitflow run` on the lab's photos in `work`: total and per-step seconds."
+def run(base: str, work: Path, a, *more) -> dict:
+    "`fruitflow run` on the lab's photos in `work` (and `more` options): total and per-step seconds."
     work.mkdir(parents=True, exist_ok=True)
     s, out = timed([BIN/"fruitflow", "run", "--source", "github", "--base-url", base, "--epochs", a.epochs,
-                    "--model", a.model, "--workdir", work], work)
+                    "--model", a.model, "--workdir", work, *more], work)
     return dict(total=s, steps=step_times(out))
 
-def with_servers(base: str, work: Path, a) -> dict:
-    "(c) `fruitflow run` while `fruitflow up` serves Prefect and MLflow over `work`; up and down are not timed."
+def with_servers(base: str, work: Path, a) -> tuple[dict, dict]:
+    "(c) then (d): `fruitflow run` while `fruitflow up` serves Prefect and MLflow over `work`; up and down are not timed."
     work.mkdir(parents=True, exist_ok=True)
     up_s, _ = timed([BIN/"fruitflow", "up", "--prefect-port", free_port(), "--mlflow-port", free_port(), "--workdir", work], work)
     try:
-        shutil.rmtree(work/"data", ignore_errors=True)  # download afresh, like the other sides
-        return run(base, work, a) | dict(up=up_s)
+        got = []
+        for more in ((), ("--kernels-ahead", "0")):
+            shutil.rmtree(work/"data", ignore_errors=True)  # download afresh, like the other sides
+            got.append(run(base, work, a, *more) | dict(up=up_s))
+        return tuple(got)
     finally: timed([BIN/"fruitflow", "down", "--workdir", work], work)
 
 def table(r: dict) -> str:
     "One repeat's figures: per-step and total seconds of each side, ratios to the lab script against the targets."
-    rows = [f"{'':<16}{'(a) lab script':>16}{'(b) cold':>12}{'(c) servers up':>16}"]
-    for s in STEPS: rows.append(f"{s:<16}{'':>16}{r['cold']['steps'].get(s, float('nan')):>12.1f}{r['up']['steps'].get(s, float('nan')):>16.1f}")
-    outside = {k: r[k]["total"] - sum(r[k]["steps"].values()) for k in ("cold", "up")}
-    rows.append(f"{'outside steps':<16}{'':>16}{outside['cold']:>12.1f}{outside['up']:>16.1f}")
-    rows.append(f"{'total s':<16}{r['lab']['total']:>16.1f}{r['cold']['total']:>12.1f}{r['up']['total']:>16.1f}")
-    rows.append(f"{'ratio to (a)':<16}{1:>16.2f}{r['cold']['total'] / r['lab']['total']:>12.2f}{r['up']['total'] / r['lab']['total']:>16.2f}")
+    rows = [f"{'':<16}{'(a) lab script':>16}{'(b) cold':>12}{'(c) servers up':>16}{'(d) (c), ahead 0':>18}"]
+    for s in STEPS: rows.append(f"{s:<16}{'':>16}" + "".join(f"{r[k]['steps'].get(s, float('nan')):>{w}.1f}" for k, w in (("cold", 12), ("up", 16), ("up0", 18))))
+    outside = {k: r[k]["total"] - sum(r[k]["steps"].values()) for k in ("cold", "up", "up0")}
+    rows.append(f"{'outside steps':<16}{'':>16}{outside['cold']:>12.1f}{outside['up']:>16.1f}{outside['up0']:>18.1f}")
+    rows.append(f"{'total s':<16}{r['lab']['total']:>16.1f}{r['cold']['total']:>12.1f}{r['up']['total']:>16.1f}{r['up0']['total']:>18.1f}")
+    rows.append(f"{'ratio to (a)':<16}{1:>16.2f}" + "".join(f"{r[k]['total'] / r['lab']['total']:>{w}.2f}" for k, w in (("cold", 12), ("up", 16), ("up0", 18))))
     rows.append(f"{'target':<16}{'':>16}{'≤ ' + str(TARGETS['cold']):>12}{'≤ ' + str(TARGETS['up']):>16}")
-    rows.append(f"(`fruitflow up` took {r['up']['up']:.1f} s before (c), not counted)")
+    rows.append(f"(c) / (d): {r['up']['total'] / r['up0']['total']:.2f}, kernels started ahead against each kernel started with its step")
+    rows.append(f"(`fruitflow up` took {r['up']['up']:.1f} s before (c) and (d), not counted)")
     return "\n".join(rows)
 
 def verdict(rs: list) -> str:
     "The median ratios of all repeats against the targets."
     lines = []
-    for k, name in (("cold", "(b) cold, embedded defaults"), ("up", "(c) servers already up")):
+    for k, name in (("cold", "(b) cold, embedded defaults"), ("up", "(c) servers already up"), ("up0", "(d) servers up, --kernels-ahead 0")):
         q = statistics.median(r[k]["total"] / r["lab"]["total"] for r in rs)
-        lines.append(f"{name}: {q:.2f}× the lab script (target ≤ {TARGETS[k]}×): {'met' if q <= TARGETS[k] else 'NOT met'}")
+        lines.append(f"{name}: {q:.2f}× the lab script" + (f" (target ≤ {TARGETS[k]}×): {'met' if q <= TARGETS[k] else 'NOT met'}" if k in TARGETS else ""))
     return "\n".join(lines)
 
 if __name__ == "__main__":
@@ -114,7 +121,8 @@ if __name__ == "__main__":
     root, rs = Path(tempfile.mkdtemp(prefix="fruitflow-bench-")), []
     with lab_site(a.images) as base:
         for i in range(a.repeat):
-            r = dict(lab=lab(base, root/f"lab{i}", a), cold=run(base, root/f"cold{i}", a), up=with_servers(base, root/f"up{i}", a))
+            r = dict(lab=lab(base, root/f"lab{i}", a), cold=run(base, root/f"cold{i}", a))
+            r["up"], r["up0"] = with_servers(base, root/f"up{i}", a)
             rs.append(r)
             print(f"\nrepeat {i + 1}/{a.repeat}: {a.epochs} epochs, the lab's photos from {a.images}, fruitflow --model {a.model}\n{table(r)}", flush=True)
     print(f"\n{verdict(rs)}\n(work folders in {root})")

@@ -11,7 +11,7 @@ from .flow import Config, PREFECT_HOME, STEPS
 # %% auto #0
 __all__ = ['KEEP_ON_RESUME', 'COMMAND_MODULES', 'resume_config', 'run', 'data_options', 'parser', 'config', 'main']
 
-# %% ../nbs/11_cli.ipynb #f91227a3
+# %% ../nbs/11_cli.ipynb #8c81965a
 def _env_defaults(workdir: Path):
     "Set fruitflow's defaults for Prefect, TensorFlow and MLflow where the user set nothing; servers `fruitflow up` started over `workdir` are used."
     from fruitflow.servers import env_from_servers
@@ -25,6 +25,7 @@ def _env_defaults(workdir: Path):
                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # a lost tracking server fails a step within ~10 s a call, not minutes
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                 "MLFLOW_DISABLE_TELEMETRY": "true",  # offline by default; its thread also races MLflow's requests over os.environ
                  "TF_CPP_MIN_LOG_LEVEL": "2"}.items():
         os.environ.setdefault(k, v)
 
@@ -38,7 +39,7 @@ def _error_log(workdir: Path, e: BaseException) -> Path:
     log.write_text("".join(traceback.format_exception(e)))
     return log
 
-# %% ../nbs/11_cli.ipynb #fdce1f11
+# %% ../nbs/11_cli.ipynb #e5856878
 def _preflight(cfg: Config) -> str|None:
     "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
     from fruitflow.flow import unreachable
@@ -53,7 +54,7 @@ def _preflight(cfg: Config) -> str|None:
     if api and (why := unreachable(api)):
         return f"the Prefect server at {api} is unreachable ({why}): start it (fruitflow up) or unset PREFECT_API_URL"
 
-KEEP_ON_RESUME = ("step_timeout", "workdir", "tracking_uri", "resume", "from_step", "only")  # what a resumed run may change
+KEEP_ON_RESUME = ("step_timeout", "kernels_ahead", "workdir", "tracking_uri", "resume", "from_step", "only")  # what a resumed run may change
 
 def resume_config(cfg: Config) -> Config:
     "The options the run to resume started with, plus this call's resume options; any other change is an error."
@@ -101,7 +102,7 @@ def run(args) -> int:
           f"registered {got['model_name']} version {got['version']} as @{got['alias']} ({got['reason']})")
     return 0
 
-# %% ../nbs/11_cli.ipynb #cc602e8e
+# %% ../nbs/11_cli.ipynb #d1302da9
 COMMAND_MODULES = ("fruitflow.servers", "fruitflow.screenshots", "fruitflow.serve", "fruitflow.sweep", "fruitflow.report")  # each adds its commands with `add_parsers(sub)`
 
 class _Parser(argparse.ArgumentParser):
@@ -132,11 +133,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, default=10, help="most training epochs (default 10; early stopping may end sooner)")
     r.add_argument("--image-size", type=int, default=96, help="side of the square images (default 96; the lab used 150)")
     r.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's step size (default 0.001)")
+    r.add_argument("--synthetic", type=int, default=40, help="synthetic photos per class mixed into the training split, apples and oranges only (default 40; 0: none)")
     data_options(r)
     r.add_argument("--resume", nargs="?", const="latest", default="", metavar="RUN",
                    help="continue a run (default: the latest; or its folder, or the start of its MLflow run id): unchanged steps are reused")
     r.add_argument("--from", dest="from_step", default="", choices=STEPS, help="resume, rerunning from this step on")
     r.add_argument("--only", default="", choices=STEPS, help="resume, rerunning only this step")
+    r.add_argument("--kernels-ahead", type=int, default=len(STEPS) - 1,
+                   help="steps whose kernels start, and import their modules, while an earlier step runs (default 4: all; 0: each kernel starts with its step)")
     r.set_defaults(func=run)
     for m in COMMAND_MODULES:
         if importlib.util.find_spec(m): importlib.import_module(m).add_parsers(sub)

@@ -51,7 +51,7 @@ def write_fold(split_dir: Path,  # the preprocessed set
     (fold_dir/"split.json").write_text(json.dumps({k: info[k] for k in ("classes", "image_size")} | {"splits": splits}))
     return fold_dir
 
-# %% ../nbs/07_crossval.ipynb #73e602e7
+# %% ../nbs/07_crossval.ipynb #32f3ba43
 def _log(run_id: str, tracking_uri: str, out: dict, params: dict):
     "Log the cross-validation's figures to the MLflow run `run_id`."
     import time
@@ -77,6 +77,7 @@ def crossval(split_dir: Path,  # the preprocessed set: all its usable images are
              seed: int = 42,  # first seed
              run_id: str = "",  # an MLflow run to log to ("" logs nothing)
              tracking_uri: str = "",  # where that run lives
+             synthetic: int = 0,  # synthetic photos per class mixed into each fold's training part (its test part stays real)
             ) -> dict:
     "Accuracy of `model_kind` on each of `k` stratified folds (times `repeats` seeds), with its mean and spread."
     import keras
@@ -90,7 +91,7 @@ def crossval(split_dir: Path,  # the preprocessed set: all its usable images are
         for i, test_idx in enumerate(folds(y, k, s)):
             fd = write_fold(split_dir, out_dir/f"seed{s}-fold{i}", test_idx, val_ratio, s)
             keras.backend.clear_session()
-            m = train(fd, fd/"model.keras", model_kind, epochs, batch_size, learning_rate, width, augment, patience, s)
+            m = train(fd, fd/"model.keras", model_kind, epochs, batch_size, learning_rate, width, augment, patience, s, synthetic=synthetic)
             got.append(evaluate(fd, m["model_path"], fd/"evaluation", batch_size)["test_accuracy"])
             print(f"seed {s} fold {i + 1}/{k}: accuracy {got[-1]:.3f} on {len(test_idx)} images")
         accs += got; per_seed.append(float(np.mean(got)))
@@ -98,5 +99,5 @@ def crossval(split_dir: Path,  # the preprocessed set: all its usable images are
                seed_means=per_seed, seed_mean_std=float(np.std(per_seed)), k=k, seeds=list(range(seed, seed + repeats)), n_images=int(len(y)))
     print(f"{model_kind}: cross-validated accuracy {out['accuracy_mean']:.3f} ± {out['accuracy_std']:.3f} over {len(accs)} folds"
           f" ({k} folds × {repeats} seed{'s' * (repeats > 1)}; spread of the seeds' means {out['seed_mean_std']:.3f})")
-    if run_id: _log(run_id, tracking_uri, out, dict(k=k, repeats=repeats, model_kind=model_kind, epochs=epochs, seed=seed))
+    if run_id: _log(run_id, tracking_uri, out, dict(k=k, repeats=repeats, model_kind=model_kind, epochs=epochs, seed=seed, synthetic=synthetic))
     return out

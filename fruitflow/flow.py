@@ -13,10 +13,11 @@ from .download import GITHUB, ARCHIVES, _sha256
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'STATE',
-           'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'run_notebook', 'ResumeError',
-           'step_key', 'load_state', 'resumable', 'unreachable', 'mlflow_client', 'TrackingLost', 'settle', 'pipeline']
+           'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'run_notebook', 'Kernels',
+           'ResumeError', 'step_key', 'load_state', 'resumable', 'unreachable', 'mlflow_client', 'TrackingLost',
+           'settle', 'pipeline']
 
-# %% ../nbs/10_flow.ipynb #13121b84
+# %% ../nbs/10_flow.ipynb #c53b1018
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
 NOTEBOOKS = {s: f"{i:02d}_{s}.ipynb" for i, s in enumerate(STEPS, 1)}  # nbs/01_download.ipynb, ...
 EXPERIMENT = "fruitflow"  # the MLflow experiment of pipeline runs
@@ -35,6 +36,7 @@ class Config(BaseModel):
     image_size: int = Field(96, ge=16, le=1024)  # side of the square images (the lab: 150; 96 cross-validates the same, 1.7× faster)
     learning_rate: float = Field(1e-3, gt=0, le=1)  # Adam's step size
     model_kind: Literal["small", "lab", "mobilenet"] = "small"  # the default CNN, the lab's architecture, or pretrained MobileNetV2
+    synthetic: int = Field(40, ge=0, le=100_000)  # synthetic photos per class mixed into training (apples and oranges only)
     seed: int = Field(42, ge=0)  # seed of data, split and training
     n_per_class: int = Field(10, ge=1, le=1_000_000)  # lab images (N = 1..n) or synthetic images per class
     experiment: str = Field(EXPERIMENT, min_length=1)  # MLflow experiment
@@ -44,6 +46,7 @@ class Config(BaseModel):
     workdir: Path = Path(".")  # where data/, runs/, mlflow.db and mlartifacts/ live
     tracking_uri: str = ""  # MLflow; "" means $MLFLOW_TRACKING_URI or the embedded store
     step_timeout: int = Field(3600, ge=1)  # seconds one notebook cell may run
+    kernels_ahead: int = Field(len(STEPS) - 1, ge=0, le=len(STEPS) - 1)  # steps whose kernels start while an earlier step runs (0: none)
     resume: str = ""  # a run folder to continue ("" starts a new run)
     from_step: Literal["", "download", "preprocess", "train", "evaluate", "register"] = ""  # when resuming, rerun from this step on
     only: Literal["", "download", "preprocess", "train", "evaluate", "register"] = ""  # when resuming, rerun this step alone
@@ -78,7 +81,7 @@ def check_params(step: str, params: dict) -> None:
         if want and (not isinstance(v, want) or isinstance(v, bool) and bool not in want):
             raise TypeError(f"step {step!r}: parameter {k!r} must be {declared[k]['inferred_type_name']}, not {type(v).__name__} ({v!r})")
 
-# %% ../nbs/10_flow.ipynb #67455492
+# %% ../nbs/10_flow.ipynb #cce31c4d
 _DIRECTIVE = re.compile(r"^#\|\s*(export|exports|eval:\s*false)\s*$", re.M)
 
 def step_notebook(step: str):
@@ -138,8 +141,8 @@ def _log_notebook(out: Path, params: dict, tracking_uri: str) -> str|None:
     try: mlflow_client(tracking_uri).log_artifact(params["mlflow_run_id"], str(out), "notebooks")
     except Exception as e: return f"could not log the executed notebook to MLflow ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
 
-def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, timeout: int, workdir: Path) -> dict:
-    "Execute the step's notebook into `run_dir` and return its scraps."
+def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, timeout: int, workdir: Path, km=None) -> dict:
+    "Execute the step's notebook into `run_dir` (in kernel `km` if given, see `Kernels`) and return its scraps."
     import papermill as pm, scrapbook as sb
     from prefect import get_run_logger
     check_params(step, params)
@@ -147,7 +150,8 @@ def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, time
     try:
         _own_event_loop()
         pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(workdir), progress_bar=False,
-                            stdout_file=_Echo(get_run_logger()), execution_timeout=timeout, kernel_manager_class=_kernel_manager(Path(run_dir)/"kernels.log"))
+                            stdout_file=_Echo(get_run_logger()), execution_timeout=timeout, kernel_manager_class=_kernel_manager(Path(run_dir)/"kernels.log"),
+                            **({"km": km} if km else {}))
     except Exception as e:
         failed = StepFailed(step, out, _reason(e, timeout))
         failed.__cause__ = e
@@ -156,6 +160,107 @@ def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, time
     scraps = {k: s.data for k, s in sb.read_notebook(str(out)).scraps.items()}
     if not_logged: raise StepFailed(step, out, not_logged, scraps)  # a step is done when its record is; what it did may need undoing
     return scraps
+
+# %% ../nbs/10_flow.ipynb #90838527
+def _modules(nb) -> list[str]:
+    "The modules that `nb`'s code cells import at top level, in order."
+    import ast
+    mods = []
+    for c in nb.cells:
+        if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []): continue
+        try: body = ast.parse(c.source).body
+        except SyntaxError: continue  # a magic, say: the notebook itself will tell
+        for n in body:
+            if isinstance(n, ast.Import): mods += [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom) and n.module and not n.level and n.module != "__future__": mods.append(n.module)
+    return list(dict.fromkeys(mods))
+
+def _warm_code(mods: list[str]) -> str:
+    "Code that imports `mods` in a kernel and leaves its namespace as it was."
+    return (f"def _fruitflow_warm():\n    import importlib\n    for m in {mods!r}:\n        try: importlib.import_module(m)\n"
+            f"        except Exception: pass\n_fruitflow_warm(); del _fruitflow_warm")
+
+class Kernels:
+    "Step kernels started (and their modules imported) ahead of their steps, and shut down after them, off the pipeline's path."
+    def __init__(self, workdir: Path, log: Path|None = None):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+        self.workdir, self.started, self.managers, self.closing, self.lock = Path(workdir), {}, {}, False, threading.Lock()
+        self.log = Path(log) if log else self.workdir/f".kernels-{os.getpid()}.log"  # until `keep_log_in` moves it
+        self.starting = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="fruitflow-kernel-start")
+        self.stopping = ThreadPoolExecutor(len(STEPS), thread_name_prefix="fruitflow-kernel-stop")
+
+    def start(self, *steps: str):
+        "Start the kernels of `steps` that are not started yet, in that order."
+        for s in steps:
+            if s not in self.started and not self.closing: self.started[s] = self.starting.submit(self._start, s)
+
+    def _start(self, step: str):
+        import asyncio, queue
+        from jupyter_client.manager import AsyncKernelManager
+        km = self.managers[step] = AsyncKernelManager(kernel_name=KERNEL)
+        try:
+            if self.closing: raise RuntimeError("the pipeline ended first")
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            with self.lock: out = open(self.log, "ab")
+            with out: asyncio.run(km.start_kernel(cwd=str(self.workdir), stdout=out, stderr=out,  # the kernel keeps its own copy
+                                                  env=os.environ | {"FRUITFLOW_STEP": step}))  # which step it is for, for whoever looks
+            kc = km.blocking_client()
+            kc.start_channels()
+            try:
+                kc.wait_for_ready(timeout=120)
+                msg_id = kc.execute(_warm_code(_modules(step_notebook(step))), silent=True)
+                while not self.closing:
+                    with contextlib.suppress(queue.Empty):
+                        if kc.get_shell_msg(timeout=0.5)["parent_header"].get("msg_id") == msg_id: return km
+                    if not asyncio.run(km.is_alive()): raise RuntimeError("the kernel died while importing")
+                raise RuntimeError("the pipeline ended first")
+            finally: kc.stop_channels()
+        except BaseException:
+            self._stop(km, now=True)
+            raise
+
+    def keep_log_in(self, folder: Path):
+        "Write the kernels' output to `folder`/kernels.log from now on, moving there what they wrote so far."
+        with self.lock:
+            to = Path(folder)/"kernels.log"
+            if self.log.exists() and not to.exists(): os.replace(self.log, to)  # the kernels go on writing to the moved file
+            self.log = to
+
+    def take(self, step: str, timeout: float):
+        "The kernel started for `step`, once it is ready; None if none was started, or it failed to start or to be ready in `timeout` s."
+        from concurrent.futures import TimeoutError
+        f = self.started.pop(step, None)
+        try:
+            if not f: return None
+            km = f.result(timeout)
+            with self.lock, contextlib.suppress(OSError), open(self.log, "a") as l:
+                print(f"fruitflow: step '{step}' runs in the kernel started ahead for it (pid {getattr(km.provisioner, 'pid', '?')})", file=l)
+            return km
+        except Exception as e:
+            if isinstance(e, TimeoutError) and not f.cancel(): self.stopping.submit(self._stop, self.managers[step], True)
+            with self.lock, contextlib.suppress(OSError), open(self.log, "a") as l:
+                print(f"fruitflow: the kernel started ahead for step '{step}' failed ({type(e).__name__}: {e}); papermill starts one", file=l)
+            return None
+
+    @staticmethod
+    def _stop(km, now: bool = False):
+        import asyncio
+        with contextlib.suppress(Exception): asyncio.run(km.shutdown_kernel(now=now))
+
+    def done(self, km, now: bool = False):
+        "Shut down a step's kernel in the background (`now`: kill it)."
+        if km: self.stopping.submit(self._stop, km, now)
+
+    def close(self):
+        "Stop at once the kernels no step took, and wait until every kernel is gone."
+        self.closing = True  # a kernel still importing stops itself
+        for s, f in self.started.items():
+            if not f.cancel() and s in self.managers: self.stopping.submit(self._stop, self.managers[s], True)
+        self.started = {}
+        self.starting.shutdown(wait=True); self.stopping.shutdown(wait=True)
+        if self.log.name.startswith(".kernels-"):  # no run folder came: no run to keep it for
+            with contextlib.suppress(OSError): self.log.unlink(missing_ok=True)
 
 # %% ../nbs/10_flow.ipynb #39d2fe9e
 STATE = "pipeline.json"  # in a run folder: the MLflow run id, the run's options and each completed step
@@ -196,7 +301,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #d93f9e75
+# %% ../nbs/10_flow.ipynb #56ebd853
 @contextlib.contextmanager
 def _store_lock(tracking_uri: str):
     "Hold a lock beside an embedded SQLite store: two pipelines creating it at once would both migrate its tables."
@@ -237,7 +342,7 @@ def _step_params(step: str, cfg: Config, run_dir: Path, got: dict) -> dict:
                                  base_url=cfg.base_url, n_per_class=cfg.n_per_class, seed=cfg.seed),
         "preprocess": lambda: dict(manifest_path=str(run_dir/"manifest.csv"), out_dir=str(run_dir/"split"), image_size=cfg.image_size, seed=cfg.seed),
         "train": lambda: dict(split_dir=got["split_dir"], model_path=str(run_dir/"model"/"model.keras"), model_kind=cfg.model_kind,
-                              epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed),
+                              epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed, synthetic=cfg.synthetic),
         "evaluate": lambda: dict(split_dir=got["split_dir"], model_path=got["model_path"], out_dir=str(run_dir/"evaluation"), batch_size=cfg.batch_size),
         "register": lambda: dict(model_uri=got["model_uri"], model_name=cfg.model_name, test_accuracy=float(got["test_accuracy"]),
                                  data_source=got["data_source"], min_accuracy=cfg.min_accuracy),
@@ -327,13 +432,14 @@ def settle(workdir: Path) -> list[str]:
         done.append(f"MLflow run {ending['run_id']} marked {ending['status']} (its ending was kept in {f} while the server did not answer)")
     return done
 
-def _pipeline(cfg: Config) -> dict:
+def _pipeline(cfg: Config, kernels: Kernels) -> dict:
     "Run (or resume) every step in one MLflow run; see `pipeline`."
     from prefect import task
     from prefect.cache_policies import NO_CACHE
     uri = cfg.resolved_tracking_uri()
     client = mlflow_client(uri)
     run_id, run_dir, state, prior = _open_run(cfg, client, uri)
+    kernels.keep_log_in(run_dir)
     got, status, step, before, n, stale = {"run_id": run_id, "run_dir": str(run_dir)}, "FAILED", STEPS[0], "", len(STEPS), []
     tags, undo, what = {}, {}, "the run failed"  # what `_close` records besides the status
     try:
@@ -351,7 +457,12 @@ def _pipeline(cfg: Config) -> dict:
             if cfg.only and step != cfg.only: raise ResumeError(f"step '{step}' has no current result in {run_dir}: use --from {step}")
             t0 = time.monotonic()
             print(f"[{i}/{n}] {step} ...", flush=True)
-            scraps = task(run_notebook, name=step, task_run_name=step, cache_policy=NO_CACHE)(step, params, run_dir, uri, cfg.step_timeout, Path(cfg.workdir).resolve())
+            if cfg.kernels_ahead: kernels.start(*STEPS[i - 1:i + cfg.kernels_ahead])
+            km, ok = kernels.take(step, cfg.step_timeout), False  # None with --kernels-ahead 0: papermill starts the kernel and stops it
+            try:
+                scraps = task(run_notebook, name=step, task_run_name=step, cache_policy=NO_CACHE)(step, params, run_dir, uri, cfg.step_timeout, Path(cfg.workdir).resolve(), km)
+                ok = True
+            finally: kernels.done(km, now=not ok)  # a failed or interrupted step's kernel is killed
             got |= scraps; before = key
             state["steps"][step] = dict(key=key, scraps=scraps, seconds=round(time.monotonic() - t0, 1)); _save_state(run_dir, state)
             print(f"[{i}/{n}] {step} done in {time.monotonic() - t0:.1f} s → {run_dir/NOTEBOOKS[step]}", flush=True)
@@ -382,4 +493,8 @@ def _pipeline(cfg: Config) -> dict:
 def pipeline(cfg: Config) -> dict:
     "Run download → preprocess → train → evaluate → register as a Prefect flow; return what the steps glued."
     from prefect import flow
-    return flow(_pipeline, name="fruitflow", validate_parameters=False)(cfg)
+    kernels = Kernels(Path(cfg.workdir).resolve())
+    if cfg.kernels_ahead and not cfg.resume: kernels.start(*STEPS[:1 + cfg.kernels_ahead])  # while Prefect starts and the MLflow run opens
+    def pipeline_flow(cfg: Config) -> dict: return _pipeline(cfg, kernels)
+    try: return flow(pipeline_flow, name="fruitflow", validate_parameters=False)(cfg)
+    finally: kernels.close()

@@ -12,20 +12,25 @@ from keras import layers
 import tensorflow as tf
 
 # %% auto #0
-__all__ = ['load_split', 'split_info', 'augmentation', 'build_model', 'train', 'requirements']
+__all__ = ['load_split', 'split_info', 'synthetic_images', 'augmentation', 'build_model', 'train', 'requirements']
 
-# %% ../nbs/03_train.ipynb #6580da68
+# %% ../nbs/03_train.ipynb #d3beb428
 def load_split(split_dir: Path,  # the folder preprocess wrote
                split: str,  # train, val or test
                batch_size: int = 8,  # images per batch
                shuffle: bool = False,  # reshuffle every epoch
                seed: int = 42,  # seed of the shuffle
+               extra: tuple[np.ndarray, np.ndarray]|None = None,  # more (images, labels) to add to the split, held in memory
               ) -> tf.data.Dataset:
     "A `tf.data` pipeline of (image, label) batches of one split."
     split_dir = Path(split_dir)
     idx = np.array(json.loads((split_dir/"split.json").read_text())["splits"][split], dtype=np.int64)
     x, y = np.load(split_dir/"x.npy", mmap_mode="r"), np.load(split_dir/"y.npy")
-    def gather(i): return x[np.sort(i)].astype(np.float32), y[np.sort(i)]
+    ex, ey = extra if extra is not None else (np.zeros((0, *x.shape[1:]), np.uint8), np.zeros(0, y.dtype))
+    idx = np.concatenate([idx, len(y) + np.arange(len(ey))])  # the extra images come after the split's own
+    def gather(i):
+        i = np.sort(i); own, more = i[i < len(y)], i[i >= len(y)] - len(y)
+        return np.concatenate([x[own], ex[more]]).astype(np.float32), np.concatenate([y[own], ey[more]])
     ds = tf.data.Dataset.from_tensor_slices(idx)
     if shuffle: ds = ds.shuffle(max(len(idx), 1), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda i: tf.numpy_function(gather, [i], (tf.float32, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
@@ -34,6 +39,20 @@ def load_split(split_dir: Path,  # the folder preprocess wrote
 def split_info(split_dir: Path) -> dict:
     "The classes, image size and split indices preprocess recorded."
     return json.loads((Path(split_dir)/"split.json").read_text())
+
+def synthetic_images(classes: list[str],  # the split's classes
+                     n: int,  # images per class
+                     size: int,  # side of the square images
+                     seed: int = 42,  # the same seed draws the same images
+                    ) -> tuple[np.ndarray, np.ndarray]|None:
+    "`n` synthetic photos of each class from fruitflow's generator, as (images, labels); None unless the classes are apples and oranges."
+    from fruitflow.download import draw
+    import re
+    kinds = [m[1] if (m := re.fullmatch(r"(apple|orange)s?", c.lower())) else None for c in classes]
+    if n <= 0 or None in kinds or len(set(kinds)) < len(kinds): return None
+    base = 2**40 + seed * 1_000_003  # another stream than the synthetic source's (seed * 1_000_003 + ...): no image of its test split comes back
+    x = np.stack([np.asarray(draw(k, base + c * 100_000_007 + i, size), dtype=np.uint8) for c, k in enumerate(kinds) for i in range(n)])
+    return x, np.repeat(np.arange(len(classes), dtype=np.int32), n)
 
 # %% ../nbs/03_train.ipynb #2e652181
 def augmentation(strength: float = 1.0, seed: int = 42) -> keras.Sequential:
@@ -81,7 +100,7 @@ def _colour_histogram(pixels, bins: int):
     "A soft colour histogram: `bins` learned colour regions (1×1 convolutions), each pixel's share averaged over the image."
     return layers.GlobalAveragePooling2D(name="colour_histogram")(layers.Conv2D(bins, 1, activation="relu")(pixels))
 
-# %% ../nbs/03_train.ipynb #cbc44943
+# %% ../nbs/03_train.ipynb #e4fd9c77
 def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     "Steps per epoch: one pass over `n` images, or more (the set repeated) so that `epochs` make `min_steps`."
     return max(-(-n // batch_size), -(-min_steps // max(epochs, 1)), 1)
@@ -100,22 +119,26 @@ def train(split_dir: Path,  # the split written by preprocess
           min_epochs: int | None = None,  # epochs before early stopping may act or pick the best (None: half of epochs for small, 0 for lab)
           colour: bool = False,  # small: add the colour-histogram branch (measured no better, so off by default)
           schedule: bool | None = None,  # cosine-decay the learning rate (None: for small only)
+          synthetic: int = 0,  # synthetic photos of each class mixed into the training split (apples and oranges only)
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
     keras.utils.set_random_seed(seed)
     info, model_path, small = split_info(split_dir), Path(model_path), model_kind != "lab"  # small and mobilenet: the tiny-data recipe
     min_steps = (200 if small else 0) if min_steps is None else min_steps
     min_epochs = (epochs // 2 if small else 0) if min_epochs is None else min(min_epochs, epochs - 1)
-    steps = _steps(len(info["splits"]["train"]), batch_size, epochs, min_steps)
+    extra = synthetic_images(info["classes"], synthetic, info["image_size"], seed)
+    if synthetic and extra is None: print(f"no synthetic photos mixed in: the generator draws apples and oranges, not {', '.join(info['classes'])}")
+    n_extra = 0 if extra is None else len(extra[1])
+    steps = _steps(len(info["splits"]["train"]) + n_extra, batch_size, epochs, min_steps)
     lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps * epochs, alpha=0.1) if (small if schedule is None else schedule) else learning_rate
     model = build_model(model_kind, info["image_size"], len(info["classes"]), width, augment, seed, colour)
     model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
-    y = np.load(Path(split_dir)/"y.npy")[info["splits"]["train"]]
+    y = np.concatenate([np.load(Path(split_dir)/"y.npy")[info["splits"]["train"]], [] if extra is None else extra[1]])
     weights = {c: len(y) / (len(info["classes"]) * max(1, (y == c).sum())) for c in range(len(info["classes"]))}
     has_val = len(info["splits"]["val"]) > 0
     stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True, start_from_epoch=min_epochs)] if has_val else []
     # batch_size and shuffle=False are for autologging's record: the dataset batches and shuffles itself
-    hist = model.fit(load_split(split_dir, "train", batch_size, shuffle=True, seed=seed).repeat(), steps_per_epoch=steps, epochs=epochs, verbose=2,
+    hist = model.fit(load_split(split_dir, "train", batch_size, shuffle=True, seed=seed, extra=extra).repeat(), steps_per_epoch=steps, epochs=epochs, verbose=2,
                      batch_size=batch_size, shuffle=False, validation_data=load_split(split_dir, "val", batch_size) if has_val else None,
                      class_weight=weights, callbacks=stop).history
     model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +148,7 @@ def train(split_dir: Path,  # the split written by preprocess
     (meta_path := model_path.with_suffix(".json")).write_text(json.dumps({k: info[k] for k in ("classes", "image_size")}))
     best = (min_epochs + int(np.argmin(hist["val_loss"][min_epochs:]))) if has_val and len(hist["loss"]) > min_epochs else len(hist["loss"]) - 1
     return dict(model_path=str(model_path), weights_path=str(weights_path), meta_path=str(meta_path),
-                epochs_run=len(hist["loss"]), best_epoch=best + 1, steps_per_epoch=steps, n_params=int(model.count_params()),
+                epochs_run=len(hist["loss"]), best_epoch=best + 1, steps_per_epoch=steps, n_params=int(model.count_params()), n_synthetic=n_extra,
                 **{k: float(v[best]) for k, v in hist.items() if k != "learning_rate"})
 
 # %% ../nbs/03_train.ipynb #5846393a

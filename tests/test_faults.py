@@ -22,14 +22,17 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
         if text in line: return seen
     raise AssertionError(f"{text!r} never appeared:\n{seen}\n{proc.stderr.read() if proc.poll() is not None else ''}")
 
-def _kernels(proc: subprocess.Popen) -> list:
-    try: return [p for p in psutil.Process(proc.pid).children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
+def _kernels(proc: subprocess.Popen, step: str = "") -> list:
+    "The process's Jupyter kernels; with `step`, the one started for that step (fruitflow marks kernels it starts ahead)."
+    try:
+        ks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
+        return [k for k in ks if k.environ().get("FRUITFLOW_STEP") == step] if step else ks
     except psutil.NoSuchProcess: return []
 
 def test_killed_kernel_fails_the_run(tmp_path, prefect_api):
     proc = _start(tmp_path, prefect_api, *SLOW_TRAIN)
     _wait_for(proc, "Epoch 2/")
-    (kernel,) = _kernels(proc)
+    (kernel,) = _kernels(proc, "train")
     kernel.kill()
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 1, err
@@ -95,8 +98,9 @@ def test_two_pipelines_at_once_in_one_workdir(tmp_path, prefect_api):
     "Both complete on a store neither has created yet: own run folder, own MLflow run, consistent registry."
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | {"PREFECT_API_URL": prefect_api}
     args = ["run", "--source", "synthetic", "--n-per-class", "6", *FAST]
-    procs = [subprocess.Popen([str(BIN/"fruitflow"), *args, "--seed", str(s)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for s in (1, 2)]
+    procs = [subprocess.Popen([str(BIN/"fruitflow"), *args, "--seed", str(s), "--kernels-ahead", str(ahead)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s, ahead in ((1, 4), (2, 0))]  # one starts its kernels ahead, the other as each step starts
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-2000:] + err[-2000:]
@@ -108,6 +112,8 @@ def test_two_pipelines_at_once_in_one_workdir(tmp_path, prefect_api):
     versions = mlflow_client(tmp_path).search_model_versions("name='fruitflow'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert sorted(r.data.tags["registered_version"] for r in done) == ["1", "2"]
+    ahead = sorted("started ahead" in (Path(r.data.tags["run_dir"])/"kernels.log").read_text() for r in done)
+    assert ahead == [False, True]
 
 def _one_line(err: str) -> str:
     lines = err.strip().splitlines()

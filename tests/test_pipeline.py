@@ -16,6 +16,7 @@ def check_complete_run(wd: Path, run, epochs: int):
     c = mlflow_client(wd)
     assert run.info.status == "FINISHED"
     assert run.data.params["epochs"] == str(epochs) and run.data.params["batch_size"] == "4"
+    assert run.data.params["synthetic"] == "40" and run.data.metrics["n_synthetic"] == 80  # apples and oranges: 40 synthetic photos each mixed in
     assert len(c.get_metric_history(run.info.run_id, "loss")) == epochs  # autologged per epoch
     assert {"test_loss", "test_accuracy", "f1_apple", "recall_orange"} <= set(run.data.metrics)
     assert any(k.startswith("system/") for k in run.data.metrics)
@@ -26,6 +27,9 @@ def check_complete_run(wd: Path, run, epochs: int):
     assert mv.tags["run_id"] == run.info.run_id and mv.aliases, mv
     run_dir = Path(run.data.tags["run_dir"])
     assert all((run_dir/f"{s}.ipynb").exists() for s in STEPS)
+    log = (run_dir/"kernels.log").read_text()  # every step ran in a kernel started ahead (the default), whose output is kept here
+    assert all(f"step '{s[3:]}' runs in the kernel started ahead" in log for s in STEPS), log[-3000:]
+    assert not list(wd.glob(".kernels-*.log"))
 
 def test_synthetic_run(synthetic_run):
     wd, proc, run = synthetic_run
