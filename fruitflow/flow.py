@@ -81,7 +81,7 @@ def check_params(step: str, params: dict) -> None:
         if want and (not isinstance(v, want) or isinstance(v, bool) and bool not in want):
             raise TypeError(f"step {step!r}: parameter {k!r} must be {declared[k]['inferred_type_name']}, not {type(v).__name__} ({v!r})")
 
-# %% ../nbs/10_flow.ipynb #cce31c4d
+# %% ../nbs/10_flow.ipynb #7ac89091
 _DIRECTIVE = re.compile(r"^#\|\s*(export|exports|eval:\s*false)\s*$", re.M)
 
 def step_notebook(step: str):
@@ -93,10 +93,11 @@ def step_notebook(step: str):
 
 def _kernel_manager(log: Path):
     "A kernel manager class whose kernels write their own stdout and stderr (start-up chatter, C-level logs) to `log`."
-    from jupyter_client.manager import AsyncKernelManager
-    class LoggedKernelManager(AsyncKernelManager):
-        async def start_kernel(self, **kw):
-            with open(log, "ab") as f: return await super().start_kernel(**kw, stdout=f, stderr=f)  # the kernel keeps its own copy
+    from jupyter_client.manager import KernelManager
+    class LoggedKernelManager(KernelManager):  # blocking, so any thread may stop it; papermill gets an async client
+        client_class = "jupyter_client.asynchronous.AsyncKernelClient"
+        def start_kernel(self, **kw):
+            with open(log, "ab") as f: return super().start_kernel(**kw, stdout=f, stderr=f)  # the kernel keeps its own copy
     return LoggedKernelManager
 
 def _own_event_loop():
@@ -141,27 +142,43 @@ def _log_notebook(out: Path, params: dict, tracking_uri: str) -> str|None:
     try: mlflow_client(tracking_uri).log_artifact(params["mlflow_run_id"], str(out), "notebooks")
     except Exception as e: return f"could not log the executed notebook to MLflow ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
 
+def _stop_kernel(km, now: bool = False):
+    "Shut down (`now`: kill) the kernel of `km`, if it has one."
+    with contextlib.suppress(Exception): km.shutdown_kernel(now=now)
+
 def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, timeout: int, workdir: Path, km=None) -> dict:
     "Execute the step's notebook into `run_dir` (in kernel `km` if given, see `Kernels`) and return its scraps."
     import papermill as pm, scrapbook as sb
+    from concurrent.futures import ThreadPoolExecutor, wait
     from prefect import get_run_logger
     check_params(step, params)
-    out, failed = Path(run_dir)/NOTEBOOKS[step], None
-    try:
+    out, failed, echo, own = Path(run_dir)/NOTEBOOKS[step], None, _Echo(get_run_logger()), km is None
+    if own: km = _kernel_manager(Path(run_dir)/"kernels.log")(kernel_name=KERNEL)  # papermill starts it; held here to be stopped
+    def execute():
         _own_event_loop()
         pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(workdir), progress_bar=False,
-                            stdout_file=_Echo(get_run_logger()), execution_timeout=timeout, kernel_manager_class=_kernel_manager(Path(run_dir)/"kernels.log"),
-                            **({"km": km} if km else {}))
-    except Exception as e:
-        failed = StepFailed(step, out, _reason(e, timeout))
-        failed.__cause__ = e
+                            stdout_file=echo, execution_timeout=timeout, km=km)
+    # papermill runs in a thread of its own: nbclient then installs no SIGINT/SIGTERM handler (which, on SIGTERM, could leave
+    # the kernel running and the step waiting for it), and an interrupt reaches this thread, which kills the kernel
+    runner = ThreadPoolExecutor(1, thread_name_prefix=f"fruitflow-{step}")
+    try:
+        ran = runner.submit(execute)
+        try: ran.result()
+        except Exception as e:
+            failed = StepFailed(step, out, _reason(e, timeout))
+            failed.__cause__ = e
+        except BaseException:
+            while not ran.done(): _stop_kernel(km, now=True); wait([ran], timeout=2)  # the notebook's thread ends on the dead kernel
+            raise
+        finally: runner.shutdown(wait=True)
+        if own: _stop_kernel(km)  # as papermill did; a kernel from `Kernels` is stopped by its owner
     finally: not_logged = _log_notebook(out, params, tracking_uri)  # on Ctrl-C too; a failed step's notebook above all
     if failed: raise failed
     scraps = {k: s.data for k, s in sb.read_notebook(str(out)).scraps.items()}
     if not_logged: raise StepFailed(step, out, not_logged, scraps)  # a step is done when its record is; what it did may need undoing
     return scraps
 
-# %% ../nbs/10_flow.ipynb #90838527
+# %% ../nbs/10_flow.ipynb #40e54e08
 def _modules(nb) -> list[str]:
     "The modules that `nb`'s code cells import at top level, in order."
     import ast
@@ -196,24 +213,24 @@ class Kernels:
             if s not in self.started and not self.closing: self.started[s] = self.starting.submit(self._start, s)
 
     def _start(self, step: str):
-        import asyncio, queue
-        from jupyter_client.manager import AsyncKernelManager
-        km = self.managers[step] = AsyncKernelManager(kernel_name=KERNEL)
+        import queue
+        from jupyter_client.manager import KernelManager
+        # a blocking manager (as `run_notebook`'s own), so that any thread may stop it; papermill gets an async client
+        km = self.managers[step] = KernelManager(kernel_name=KERNEL, client_class="jupyter_client.asynchronous.AsyncKernelClient")
         try:
             if self.closing: raise RuntimeError("the pipeline ended first")
             self.workdir.mkdir(parents=True, exist_ok=True)
             with self.lock: out = open(self.log, "ab")
-            with out: asyncio.run(km.start_kernel(cwd=str(self.workdir), stdout=out, stderr=out,  # the kernel keeps its own copy
-                                                  env=os.environ | {"FRUITFLOW_STEP": step}))  # which step it is for, for whoever looks
+            with out: km.start_kernel(cwd=str(self.workdir), stdout=out, stderr=out,  # the kernel keeps its own copy
+                                      env=os.environ | {"FRUITFLOW_STEP": step})  # which step it is for, for whoever looks
             kc = km.blocking_client()
             kc.start_channels()
-            try:
-                kc.wait_for_ready(timeout=120)
+            try:  # no wait_for_ready: its own wait may outlast a kernel killed at close; the request waits in ZMQ for the kernel
                 msg_id = kc.execute(_warm_code(_modules(step_notebook(step))), silent=True)
                 while not self.closing:
                     with contextlib.suppress(queue.Empty):
                         if kc.get_shell_msg(timeout=0.5)["parent_header"].get("msg_id") == msg_id: return km
-                    if not asyncio.run(km.is_alive()): raise RuntimeError("the kernel died while importing")
+                    if not km.is_alive(): raise RuntimeError("the kernel died while importing")
                 raise RuntimeError("the pipeline ended first")
             finally: kc.stop_channels()
         except BaseException:
@@ -243,10 +260,7 @@ class Kernels:
                 print(f"fruitflow: the kernel started ahead for step '{step}' failed ({type(e).__name__}: {e}); papermill starts one", file=l)
             return None
 
-    @staticmethod
-    def _stop(km, now: bool = False):
-        import asyncio
-        with contextlib.suppress(Exception): asyncio.run(km.shutdown_kernel(now=now))
+    _stop = staticmethod(_stop_kernel)
 
     def done(self, km, now: bool = False):
         "Shut down a step's kernel in the background (`now`: kill it)."
