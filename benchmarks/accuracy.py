@@ -1,6 +1,6 @@
 """Cross-validated accuracy of the default model against the lab's architecture (`--model lab`) on the lab's photos.
 
-    python benchmarks/accuracy.py [--models small lab] [--k 3] [--repeats 3] [--epochs 10] [--image-size 96] [--images /work/shared/data/lab-images]
+    python benchmarks/accuracy.py [--models small lab] [--k 3] [--repeats 3] [--epochs 10] [--image-size 96] [--images /work/shared/data/lab-images] [--transfer]
 
 `--models` takes model kinds and the named variants of `VARIANTS` (the configurations issue 6's model work
 compared, e.g. `small-old`: the default model and training before that work; `small+synthetic40`: every
@@ -12,8 +12,13 @@ The photos are read where they are (never copied); each model kind gets the same
 seeds (`fruitflow.crossval`). Prints each model's mean accuracy over all folds with its standard deviation,
 the spread of the per-seed means, and the difference. With ~19 photos a fold tests 6-7 of them: read the
 spread before the mean. A measurement on the lab's images only, not the unseen real photos of issue 6.
+
+`--transfer` adds what `fruitflow run` learns offline, where it has no real photo at all: per seed, the
+synthetic source's photos (`download("synthetic", n_per_class=--n-per-class)`), preprocessed and split as
+the pipeline does, the default model trained on them with 40 more drawn photos a class mixed in, then tested
+on every one of the lab's real photos. Drawn-to-real transfer, the model never having seen a real photo.
 """
-import argparse, os, sys, tempfile, time
+import argparse, os, statistics, sys, tempfile, time
 from pathlib import Path
 
 # name: (model kind, extra keyword arguments of fruitflow.train.train, synthetic photos per class mixed into each training fold)
@@ -32,17 +37,36 @@ def _with_options(options: dict):
     t.train = train
     return lambda: setattr(t, "train", original)
 
+def transfer(work: Path, a, seed: int) -> float:
+    "Accuracy on every lab photo (`work`/split) of the default model trained, as `fruitflow run --source synthetic` trains it, on drawn photos only."
+    import keras, numpy as np
+    from fruitflow.download import download
+    from fruitflow.preprocess import preprocess
+    from fruitflow.train import train, split_info
+    d = work/f"transfer-{seed}"
+    download("synthetic", d/"data", d/"manifest.csv", n_per_class=a.n_per_class, seed=seed)
+    preprocess(d/"manifest.csv", d/"split", a.image_size, seed=seed)
+    keras.backend.clear_session()
+    m = keras.models.load_model(train(d/"split", d/"model.keras", "small", a.epochs, a.batch_size, seed=seed, synthetic=40)["model_path"])
+    drawn, real = split_info(d/"split")["classes"], split_info(work/"split")["classes"]  # apple, orange against the lab's apples, oranges
+    kind = lambda c: c.lower().rstrip("s")
+    assert sorted(map(kind, drawn)) == sorted(map(kind, real)), (drawn, real)
+    pred = m.predict(np.load(work/"split"/"x.npy").astype("float32"), verbose=0).argmax(1)
+    return float(np.mean([kind(drawn[p]) == kind(real[y]) for p, y in zip(pred, np.load(work/"split"/"y.npy"))]))
+
 LAB_IMAGES = Path(__file__).resolve().parent.parent.parent/"shared"/"data"/"lab-images"
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=Path, default=LAB_IMAGES, help="a folder with one sub-folder per class")
-    ap.add_argument("--models", nargs="+", default=["small+synthetic40", "small", "lab"])
+    ap.add_argument("--models", nargs="*", default=["small+synthetic40", "small", "lab"], help="model kinds or VARIANTS names (none: only --transfer)")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="seeds to repeat the k folds with")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--transfer", action="store_true", help="also: train on drawn photos only, test on every lab photo")
+    ap.add_argument("--n-per-class", type=int, default=10, help="--transfer: the synthetic source's photos a class (fruitflow run's default 10)")
     a = ap.parse_args()
     if not a.images.is_dir(): sys.exit(f"{a.images}: no such folder (the lab's photos, one sub-folder per class)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -64,6 +88,10 @@ if __name__ == "__main__":
     print(f"{'model':<15}{'mean acc':>9}{'std':>7}{'seed means':>24}{'seeds std':>10}{'time s':>8}")
     for m, r in res.items():
         print(f"{m:<15}{r['accuracy_mean']:>9.3f}{r['accuracy_std']:>7.3f}{' '.join(f'{x:.3f}' for x in r['seed_means']):>24}{r['seed_mean_std']:>10.3f}{r['seconds']:>8.0f}")
+    if a.transfer:
+        t, accs = time.perf_counter(), [transfer(work, a, s) for s in range(42, 42 + a.repeats)]
+        print(f"\ndrawn photos only ({a.n_per_class} a class + 40 mixed in), tested on all {n} lab photos, {a.repeats} seeds:"
+              f" {statistics.mean(accs):.3f} ± {statistics.pstdev(accs):.3f} ({' '.join(f'{x:.3f}' for x in accs)}), {time.perf_counter() - t:.0f} s")
     if {"small", "lab"} <= set(res):
         s, l = res["small"], res["lab"]
         print(f"\nsmall − lab: {s['accuracy_mean'] - l['accuracy_mean']:+.3f} accuracy; time ratio small/lab {s['seconds'] / l['seconds']:.2f}")

@@ -81,7 +81,7 @@ def check_params(step: str, params: dict) -> None:
         if want and (not isinstance(v, want) or isinstance(v, bool) and bool not in want):
             raise TypeError(f"step {step!r}: parameter {k!r} must be {declared[k]['inferred_type_name']}, not {type(v).__name__} ({v!r})")
 
-# %% ../nbs/10_flow.ipynb #7ac89091
+# %% ../nbs/10_flow.ipynb #34b70b0b
 _DIRECTIVE = re.compile(r"^#\|\s*(export|exports|eval:\s*false)\s*$", re.M)
 
 def step_notebook(step: str):
@@ -91,14 +91,24 @@ def step_notebook(step: str):
     nb.cells = [c for c in nb.cells if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []) or _DIRECTIVE.search(c.source)]
     return nb
 
-def _kernel_manager(log: Path):
-    "A kernel manager class whose kernels write their own stdout and stderr (start-up chatter, C-level logs) to `log`."
+def _kernel_manager(log: Path|None = None):
+    "The kernel manager class of a step: its kernels write their own stdout and stderr (start-up chatter, C-level logs) to `log`, if given."
     from jupyter_client.manager import KernelManager
-    class LoggedKernelManager(KernelManager):  # blocking, so any thread may stop it; papermill gets an async client
+    class StepKernelManager(KernelManager):  # blocking, so any thread may stop it; papermill gets an async client
         client_class = "jupyter_client.asynchronous.AsyncKernelClient"
+        def __init__(self, **kw): super().__init__(**kw); self.clients = []
+        def client(self, **kw):  # kept for `_close_clients`
+            self.clients.append(c := super().client(**kw))
+            return c
         def start_kernel(self, **kw):
+            if log is None: return super().start_kernel(**kw)
             with open(log, "ab") as f: return super().start_kernel(**kw, stdout=f, stderr=f)  # the kernel keeps its own copy
-    return LoggedKernelManager
+    return StepKernelManager
+
+def _close_clients(km):
+    "Close the clients papermill opened on `km`: nbclient leaves their channels (and heartbeat thread) open on a manager it was given."
+    for c in getattr(km, "clients", ()):
+        with contextlib.suppress(Exception): c.stop_channels()
 
 def _own_event_loop():
     "Let papermill make its own event loop in this thread, not drive the one of the thread that started the flow."
@@ -170,7 +180,9 @@ def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, time
         except BaseException:
             while not ran.done(): _stop_kernel(km, now=True); wait([ran], timeout=2)  # the notebook's thread ends on the dead kernel
             raise
-        finally: runner.shutdown(wait=True)
+        finally:
+            runner.shutdown(wait=True)
+            _close_clients(km)  # once papermill's thread is over: a socket is not to be closed under a thread using it
         if own: _stop_kernel(km)  # as papermill did; a kernel from `Kernels` is stopped by its owner
     finally: not_logged = _log_notebook(out, params, tracking_uri)  # on Ctrl-C too; a failed step's notebook above all
     if failed: raise failed
@@ -178,7 +190,7 @@ def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, time
     if not_logged: raise StepFailed(step, out, not_logged, scraps)  # a step is done when its record is; what it did may need undoing
     return scraps
 
-# %% ../nbs/10_flow.ipynb #40e54e08
+# %% ../nbs/10_flow.ipynb #c14e55ae
 def _modules(nb) -> list[str]:
     "The modules that `nb`'s code cells import at top level, in order."
     import ast
@@ -202,6 +214,7 @@ class Kernels:
     def __init__(self, workdir: Path, log: Path|None = None):
         import threading
         from concurrent.futures import ThreadPoolExecutor
+        import jupyter_client.manager, jupyter_client.asynchronous  # here, not in the start threads: they may start while this one imports Prefect
         self.workdir, self.started, self.managers, self.closing, self.lock = Path(workdir), {}, {}, False, threading.Lock()
         self.log = Path(log) if log else self.workdir/f".kernels-{os.getpid()}.log"  # until `keep_log_in` moves it
         self.starting = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="fruitflow-kernel-start")
@@ -214,9 +227,7 @@ class Kernels:
 
     def _start(self, step: str):
         import queue
-        from jupyter_client.manager import KernelManager
-        # a blocking manager (as `run_notebook`'s own), so that any thread may stop it; papermill gets an async client
-        km = self.managers[step] = KernelManager(kernel_name=KERNEL, client_class="jupyter_client.asynchronous.AsyncKernelClient")
+        km = self.managers[step] = _kernel_manager()(kernel_name=KERNEL)  # as `run_notebook`'s own, but with its output in a log that can move
         try:
             if self.closing: raise RuntimeError("the pipeline ended first")
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -315,7 +326,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #56ebd853
+# %% ../nbs/10_flow.ipynb #a09da37d
 @contextlib.contextmanager
 def _store_lock(tracking_uri: str):
     "Hold a lock beside an embedded SQLite store: two pipelines creating it at once would both migrate its tables."
@@ -506,9 +517,10 @@ def _pipeline(cfg: Config, kernels: Kernels) -> dict:
 
 def pipeline(cfg: Config) -> dict:
     "Run download → preprocess → train → evaluate → register as a Prefect flow; return what the steps glued."
-    from prefect import flow
     kernels = Kernels(Path(cfg.workdir).resolve())
-    if cfg.kernels_ahead and not cfg.resume: kernels.start(*STEPS[:1 + cfg.kernels_ahead])  # while Prefect starts and the MLflow run opens
-    def pipeline_flow(cfg: Config) -> dict: return _pipeline(cfg, kernels)
-    try: return flow(pipeline_flow, name="fruitflow", validate_parameters=False)(cfg)
+    if cfg.kernels_ahead and not cfg.resume: kernels.start(*STEPS[:1 + cfg.kernels_ahead])  # first: they warm while Prefect is imported and started and the MLflow run opens
+    try:
+        from prefect import flow
+        def pipeline_flow(cfg: Config) -> dict: return _pipeline(cfg, kernels)
+        return flow(pipeline_flow, name="fruitflow", validate_parameters=False)(cfg)
     finally: kernels.close()
