@@ -14,7 +14,7 @@ from .flow import Config
 __all__ = ['THREADS', 'PARAMS', 'Space', 'SweepConfig', 'points', 'task_runner', 'best', 'SweepFailed', 'sweep', 'sweep_config',
            'sweep_cmd', 'add_parsers']
 
-# %% ../nbs/15_sweep.ipynb #c4389e24
+# %% ../nbs/15_sweep.ipynb #8c10b9aa
 class Space(BaseModel):
     "The values to try for each hyperparameter of a trial."
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -23,6 +23,7 @@ class Space(BaseModel):
     width: tuple[Annotated[int, Field(ge=1, le=512)], ...] = Field((16,), min_length=1)  # first-block filters
     epochs: tuple[Annotated[int, Field(ge=1, le=10_000)], ...] = Field((10,), min_length=1)  # most epochs
     image_size: tuple[Annotated[int, Field(ge=16, le=1024)], ...] = Field((96,), min_length=1)  # image sides
+    synthetic: tuple[Annotated[int, Field(ge=0, le=100_000)], ...] = Field((40,), min_length=1)  # synthetic photos a class mixed into training
 
 THREADS = "prefect.task_runners.ThreadPoolTaskRunner"  # the default task runner
 
@@ -36,8 +37,8 @@ class SweepConfig(BaseModel):
     workers: int = Field(2, ge=1, le=256)  # trials running at once
     task_runner: str = Field(THREADS, pattern=r"^[A-Za-z_][\w.]*\.\w+$")  # dotted path of a Prefect task runner class
 
-# %% ../nbs/15_sweep.ipynb #11a16c8e
-PARAMS = ("learning_rate", "augment", "width", "epochs", "image_size")  # what a trial sets
+# %% ../nbs/15_sweep.ipynb #75dfb924
+PARAMS = ("learning_rate", "augment", "width", "epochs", "image_size", "synthetic")  # what a trial sets
 
 def points(space: Space,  # the values to try
            strategy: str = "grid",  # grid | random
@@ -184,7 +185,7 @@ def sweep(cfg: SweepConfig) -> dict:
     runner = task_runner(cfg.task_runner, cfg.workers)  # an unknown runner fails before anything starts
     with _one_api(): return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
 
-# %% ../nbs/15_sweep.ipynb #cfc3a40e
+# %% ../nbs/15_sweep.ipynb #52c2ea54
 _SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "base_url", "step_timeout", "workdir")
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
@@ -201,10 +202,10 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
 
 def _table(results: list[dict]) -> str:
     "The trials as a fixed-width table."
-    rows = [f"{'trial':>5} {'lr':>8} {'augment':>7} {'width':>5} {'epochs':>6} {'size':>4} {'val acc':>7} {'test acc':>8}"]
+    rows = [f"{'trial':>5} {'lr':>8} {'augment':>7} {'width':>5} {'epochs':>6} {'size':>4} {'synth':>5} {'val acc':>7} {'test acc':>8}"]
     for r in results:
         figs = f"{r.get('val_accuracy', float('nan')):>7.3f} {r['test_accuracy']:>8.3f}" if r["ok"] else f"{'failed':>16}"
-        rows.append(f"{r['trial']:>5} {r['learning_rate']:>8.2g} {r['augment']:>7.2f} {r['width']:>5} {r['epochs']:>6} {r['image_size']:>4} {figs}")
+        rows.append(f"{r['trial']:>5} {r['learning_rate']:>8.2g} {r['augment']:>7.2f} {r['width']:>5} {r['epochs']:>6} {r['image_size']:>4} {r['synthetic']:>5} {figs}")
     return "\n".join(rows)
 
 def sweep_cmd(args: argparse.Namespace) -> int:
@@ -239,6 +240,7 @@ def add_parsers(sub):  # the `fruitflow` command's sub-parsers
     p.add_argument("--width", type=int, nargs="+", default=list(d.width), help=f"first-block filters to try (default {' '.join(map(str, d.width))})")
     p.add_argument("--epochs", type=int, nargs="+", default=list(d.epochs), help=f"most epochs to try (default {' '.join(map(str, d.epochs))})")
     p.add_argument("--image-size", type=int, nargs="+", default=list(d.image_size), help=f"image sides to try, one preprocess each (default {' '.join(map(str, d.image_size))})")
+    p.add_argument("--synthetic", type=int, nargs="+", default=list(d.synthetic), help=f"synthetic photos a class mixed into training to try, 0 for none (default {' '.join(map(str, d.synthetic))})")
     p.add_argument("--strategy", choices=("grid", "random"), default="grid", help="grid: every combination (default); random: a seeded sample of them")
     p.add_argument("--trials", type=int, default=0, help="grid: at most this many trials (default 0: all); random: how many (default 0: 4)")
     p.add_argument("--workers", type=int, default=2, help="trials running at once (default 2)")

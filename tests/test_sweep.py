@@ -11,7 +11,7 @@ def sweep(*args, workdir: Path, env: dict | None = None) -> subprocess.Completed
     return fruitflow("sweep", *args, workdir=workdir, env=env)
 
 def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, prefect_api):
-    p = sweep(*TINY, "--learning-rate", "0.003", "--augment", "0", "0.5", "--workers", "2", "--min-accuracy", "0",
+    p = sweep(*TINY, "--learning-rate", "0.003", "--augment", "0", "0.5", "--synthetic", "4", "--workers", "2", "--min-accuracy", "0",
               workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     all_runs = runs(tmp_path)
@@ -21,6 +21,7 @@ def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, pr
     assert parent.info.status == "FINISHED" and all(t.info.status == "FINISHED" for t in trials)
     assert [t.data.params["augment"] for t in trials] == ["0.0", "0.5"] and all(t.data.params["epochs"] == "1" for t in trials)
     assert all({"test_accuracy", "val_accuracy", "val_loss"} <= set(t.data.metrics) for t in trials)
+    assert all(t.data.params["synthetic"] == "4" and t.data.metrics["n_synthetic"] == 8 for t in trials)  # the space's value, not run's default 40
     # in parallel: each trial started before the other ended
     assert max(t.info.start_time for t in trials) < min(t.info.end_time for t in trials)
     # the better one on validation (accuracy, then loss) is registered, through the promotion rules
