@@ -9,7 +9,7 @@ from pathlib import Path
 from .flow import Config, PREFECT_HOME, STEPS
 
 # %% auto #0
-__all__ = ['KEEP_ON_RESUME', 'COMMAND_MODULES', 'resume_config', 'run', 'data_options', 'parser', 'config', 'main']
+__all__ = ['KEEP_ON_RESUME', 'ADDED_LATER', 'COMMAND_MODULES', 'resume_config', 'run', 'data_options', 'parser', 'config', 'main']
 
 # %% ../nbs/11_cli.ipynb #8c81965a
 def _env_defaults(workdir: Path):
@@ -39,7 +39,7 @@ def _error_log(workdir: Path, e: BaseException) -> Path:
     log.write_text("".join(traceback.format_exception(e)))
     return log
 
-# %% ../nbs/11_cli.ipynb #e5856878
+# %% ../nbs/11_cli.ipynb #6538c8f7
 def _preflight(cfg: Config) -> str|None:
     "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
     from fruitflow.flow import unreachable
@@ -55,13 +55,14 @@ def _preflight(cfg: Config) -> str|None:
         return f"the Prefect server at {api} is unreachable ({why}): start it (fruitflow up) or unset PREFECT_API_URL"
 
 KEEP_ON_RESUME = ("step_timeout", "kernels_ahead", "workdir", "tracking_uri", "resume", "from_step", "only")  # what a resumed run may change
+ADDED_LATER = {"synthetic": 0}  # options newer than some runs: what a run that stored none of them did
 
 def resume_config(cfg: Config) -> Config:
     "The options the run to resume started with, plus this call's resume options; any other change is an error."
     from pydantic import ValidationError
     from fruitflow.flow import ResumeError, load_state, resumable
     run_dir = resumable(cfg.workdir, cfg.resume or "latest")
-    stored, now, default = load_state(run_dir)["config"], cfg.model_dump(mode="json"), Config().model_dump(mode="json")
+    stored, now, default = ADDED_LATER | load_state(run_dir)["config"], cfg.model_dump(mode="json"), Config().model_dump(mode="json")
     changed = [k for k in now if k not in KEEP_ON_RESUME and now[k] != default[k] and now[k] != stored.get(k)]
     if changed: raise ResumeError(f"{run_dir.name} continues with the options it started with; start a new run to change {', '.join('--' + k.replace('_', '-') for k in changed)}")
     try: return Config(**stored | {k: now[k] for k in KEEP_ON_RESUME if now[k] != default[k]} | {"resume": str(run_dir)})
@@ -101,6 +102,8 @@ def run(args) -> int:
     print(f"MLflow run {got['run_id']}: test accuracy {got['test_accuracy']:.3f}; "
           f"registered {got['model_name']} version {got['version']} as @{got['alias']} ({got['reason']})")
     return 0
+
+
 
 # %% ../nbs/11_cli.ipynb #d1302da9
 COMMAND_MODULES = ("fruitflow.servers", "fruitflow.screenshots", "fruitflow.serve", "fruitflow.sweep", "fruitflow.report")  # each adds its commands with `add_parsers(sub)`
