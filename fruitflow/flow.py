@@ -326,7 +326,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #a09da37d
+# %% ../nbs/10_flow.ipynb #b087d6dc
 @contextlib.contextmanager
 def _store_lock(tracking_uri: str):
     "Hold a lock beside an embedded SQLite store: two pipelines creating it at once would both migrate its tables."
@@ -443,7 +443,8 @@ def _close(client, ending: dict, run_dir: Path, what: str) -> None:
 def settle(workdir: Path) -> list[str]:
     "Apply the run endings kept while their MLflow server did not answer, where it answers now; a line for each one applied."
     done = []
-    for f in sorted((Path(workdir).resolve()/"runs").glob(f"*/{PENDING}")):
+    runs = Path(workdir).resolve()/"runs"
+    for f in sorted(runs.glob(f"*/{PENDING}")) + sorted(runs.glob(f"*/trial-*/{PENDING}")):  # a pipeline's or a sweep's run, a sweep's trials
         ending = json.loads(f.read_text())
         if unreachable(ending["tracking_uri"], timeout=2): continue
         client = mlflow_client(ending["tracking_uri"])

@@ -65,7 +65,7 @@ def task_runner(path: str = THREADS,  # dotted path of a Prefect task runner cla
     if "cluster_kwargs" in params: return cls(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})  # prefect-dask: a LocalCluster
     return cls()
 
-# %% ../nbs/15_sweep.ipynb #a5f044ea
+# %% ../nbs/15_sweep.ipynb #48e43399
 def _where() -> dict:
     "Tags naming the machine and process this runs in."
     return {"host": socket.gethostname(), "process_id": str(os.getpid())}
@@ -73,28 +73,34 @@ def _where() -> dict:
 def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent_id: str, experiment_id: str, uri: str) -> dict:
     "Train and evaluate one point of the space in a nested MLflow run; its metrics, or its error."
     from mlflow import MlflowClient
-    from fruitflow.flow import run_notebook, StepFailed
+    from fruitflow.flow import run_notebook, StepFailed, _close
     client, name = MlflowClient(uri), f"trial-{i:02d}"
     rid = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "trial": str(i), **_where()}).info.run_id
-    client.log_param(rid, "image_size", point["image_size"])
     tdir, workdir = Path(run_dir)/name, Path(run.workdir).resolve()
     tdir.mkdir(parents=True)
-    track, status = dict(mlflow_run_id=rid, tracking_uri=uri), "FAILED"
+    track, status, tags, what = dict(mlflow_run_id=rid, tracking_uri=uri), "FAILED", {}, f"{name} failed"
     print(f"[{name}] start: " + ", ".join(f"{k}={v}" for k, v in point.items()), flush=True)
     try:
+        client.log_param(rid, "image_size", point["image_size"])
         got = run_notebook("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"), model_kind=run.model_kind, batch_size=run.batch_size,
                                          seed=run.seed, **{k: point[k] for k in PARAMS if k != "image_size"}) | track, tdir, uri, run.step_timeout, workdir)
         got |= run_notebook("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"), batch_size=run.batch_size) | track,
                             tdir, uri, run.step_timeout, workdir)
-        status = "FINISHED"
+        status, what = "FINISHED", f"{name} finished"
         print(f"[{name}] done: val accuracy {got.get('val_accuracy', float('nan')):.3f}, test accuracy {got['test_accuracy']:.3f}", flush=True)
         keep = ("val_accuracy", "val_loss", "accuracy", "loss", "test_accuracy", "model_uri", "epochs_run")
         return dict(trial=i, run_id=rid, ok=True, **point, **{k: got[k] for k in keep if k in got})
     except StepFailed as e:
-        client.set_tag(rid, "error", str(e)[:5000])
+        tags["error"], what = str(e)[:5000], f"{name}: {e}"
         print(f"[{name}] failed: {e}", flush=True)
         return dict(trial=i, run_id=rid, ok=False, error=str(e), **point)
-    finally: client.set_terminated(rid, status)
+    except Exception as e:  # MLflow or Prefect themselves (a lost tracking server, say): FAILED
+        tags["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:2000] if str(e) else ''}"
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM
+        status, what = "KILLED", f"{name} was interrupted"
+        raise
+    finally: _close(client, dict(run_id=rid, tracking_uri=uri, status=status, tags=tags, undo={}), tdir, what)  # with the server gone: kept for `settle`
 
 # %% ../nbs/15_sweep.ipynb #344d0af0
 def _score(r: dict) -> tuple:
@@ -110,7 +116,7 @@ def best(results: list[dict]) -> dict:
 class SweepFailed(RuntimeError):
     "A sweep none of whose trials finished."
 
-# %% ../nbs/15_sweep.ipynb #fb5aa2f0
+# %% ../nbs/15_sweep.ipynb #85b340c3
 def _preprocess(size: int, run: Config, run_dir: str, uri: str) -> dict:
     "Preprocess the downloaded images at `size` pixels into `run_dir/data-<size>/split`."
     from fruitflow.flow import run_notebook
@@ -124,7 +130,7 @@ def _sweep(cfg: SweepConfig) -> dict:
     from mlflow import MlflowClient
     from prefect import task, runtime
     from prefect.cache_policies import NO_CACHE
-    from fruitflow.flow import _experiment, _step_params, mlflow_client, run_notebook, NOTEBOOKS
+    from fruitflow.flow import _close, _experiment, _step_params, mlflow_client, run_notebook, NOTEBOOKS
     from fruitflow.register import register
     run, todo = cfg.run, points(cfg.space, cfg.strategy, cfg.trials, cfg.run.seed)
     uri = run.resolved_tracking_uri(); client = mlflow_client(uri); exp = _experiment(client, run, uri)
@@ -137,7 +143,7 @@ def _sweep(cfg: SweepConfig) -> dict:
     for k, v in dict(strategy=cfg.strategy, n_trials=len(todo), workers=cfg.workers, task_runner=cfg.task_runner, model_kind=run.model_kind,
                      batch_size=run.batch_size, seed=run.seed).items(): client.log_param(pid, k, v)
     print(f"MLflow run {pid} ({uri}), {len(todo)} trials ({cfg.strategy}), notebooks in {run_dir}", flush=True)
-    status, t0 = "FAILED", time.monotonic()
+    status, what, tags, t0 = "FAILED", "the sweep failed", {}, time.monotonic()
     try:
         got = task(run_notebook, name="download", cache_policy=NO_CACHE)(
             "download", _step_params("download", run, run_dir, {}) | dict(mlflow_run_id=pid, tracking_uri=uri), run_dir, uri, run.step_timeout, Path(run.workdir).resolve())
@@ -164,12 +170,15 @@ def _sweep(cfg: SweepConfig) -> dict:
         for k in ("val_accuracy", "test_accuracy"):
             if k in win: client.log_metric(pid, f"best_{k}", float(win[k]))
         client.log_metric(pid, "n_trials_failed", sum(not r["ok"] for r in results))
-        status = "FINISHED"
+        status, what = "FINISHED", "the sweep finished"
         return dict(run_id=pid, run_dir=str(run_dir), trials=results, best=win, data_source=got["data_source"], **reg)
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
+    except Exception as e:
+        tags["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:2000] if str(e) else ''}"
         raise
-    finally: client.set_terminated(pid, status)
+    except (KeyboardInterrupt, SystemExit):
+        status, what = "KILLED", "the sweep was interrupted"
+        raise
+    finally: _close(client, dict(run_id=pid, tracking_uri=uri, status=status, tags=tags, undo={}), run_dir, what)  # with the server gone: kept for `settle`
 
 def _one_api():
     "A context in which Prefect's API is one server's: `PREFECT_API_URL`'s, or else the temporary server started here."
@@ -185,7 +194,7 @@ def sweep(cfg: SweepConfig) -> dict:
     runner = task_runner(cfg.task_runner, cfg.workers)  # an unknown runner fails before anything starts
     with _one_api(): return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
 
-# %% ../nbs/15_sweep.ipynb #52c2ea54
+# %% ../nbs/15_sweep.ipynb #1386725a
 _SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "base_url", "step_timeout", "workdir")
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
@@ -215,17 +224,22 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fruitflow sweep: error: --task-runner: {e}", file=sys.stderr)
         return 2
-    from fruitflow.cli import _env_defaults, _sigterm
+    from fruitflow.cli import _env_defaults, _error_log, _sigterm
     _env_defaults(cfg.run.workdir)
-    from fruitflow.flow import StepFailed
+    from fruitflow.flow import StepFailed, TrackingLost, settle
+    for line in settle(cfg.run.workdir): print(line)  # endings kept while a server was away
     signal.signal(signal.SIGTERM, _sigterm)
     try: out = sweep(cfg)
-    except (StepFailed, SweepFailed) as e:
+    except (StepFailed, SweepFailed, TrackingLost) as e:
         print(f"fruitflow sweep: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fruitflow sweep: interrupted; the MLflow runs are marked KILLED or FAILED", file=sys.stderr)
         return 130
+    except Exception as e:  # Prefect or MLflow themselves: the details go to a log
+        log = _error_log(cfg.run.workdir, e)
+        print(f"fruitflow sweep: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (details in {log})", file=sys.stderr)
+        return 1
     print(_table(out["trials"]))
     print(f"MLflow run {out['run_id']}: best trial {out['best']['trial']} (val accuracy {out['best'].get('val_accuracy', float('nan')):.3f}, "
           f"test accuracy {out['best']['test_accuracy']:.3f}); registered {out['model_name']} version {out['version']} as @{out['alias']} ({out['reason']})")

@@ -143,6 +143,34 @@ def test_mlflow_server_lost_mid_run_ends_the_run_once_it_is_back(tmp_path):
         assert not list(tmp_path.glob("runs/*/pending.json"))
     finally: fruitflow("down", "--workdir", tmp_path, workdir=tmp_path)
 
+def test_mlflow_server_lost_mid_sweep_ends_every_run_once_it_is_back(tmp_path):
+    "The MLflow server is killed as the sweep's trials start: one line, and `fruitflow up` marks the sweep's run and both trials' FAILED later."
+    ports = ["--prefect-port", free_port(), "--mlflow-port", free_port()]
+    assert (up := fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)).returncode == 0, up.stdout + up.stderr
+    uri = f"http://127.0.0.1:{ports[3]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    try:
+        proc = subprocess.Popen([str(BIN/"fruitflow"), "sweep", "--source", "synthetic", "--n-per-class", "6", *FAST, "--width", "8", "--learning-rate", "0.003",
+                                 "--augment", "0", "0.5", "--workers", "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = ""
+        while not ("[trial-01] start" in seen and "[trial-02] start" in seen): seen += _wait_for(proc, "] start")  # both trials' runs made
+        os.killpg(json.loads((tmp_path/".fruitflow"/"mlflow.json").read_text())["pid"], signal.SIGKILL)  # the server and its workers
+        out, err = proc.communicate(timeout=300)
+        line = _one_line(err)
+        assert proc.returncode == 1 and uri in line and "not marked FAILED yet" in line, out[-2000:] + err
+        assert len(list(tmp_path.glob("runs/*/pending.json"))) == 1 and len(list(tmp_path.glob("runs/*/trial-*/pending.json"))) == 2
+        assert [r.info.status for r in runs(tmp_path)] == ["RUNNING"] * 3  # read from the server's own store while it is down
+        again = fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)
+        assert again.returncode == 0 and again.stdout.count(" marked FAILED") == 3, again.stdout + again.stderr
+        done = runs(tmp_path)
+        assert [r.info.status for r in done] == ["FAILED"] * 3
+        trials = [r for r in done if "mlflow.parentRunId" in r.data.tags]
+        (parent,) = [r for r in done if r.data.tags.get("sweep") == "true"]
+        assert "does not answer" in parent.data.tags["error"], parent.data.tags
+        assert len(trials) == 2 and all("mlflow" in t.data.tags.get("error", "").lower() for t in trials), [t.data.tags for t in trials]  # what failed, as far as it got
+        assert not list(tmp_path.glob("runs/**/pending.json"))
+    finally: fruitflow("down", "--workdir", tmp_path, workdir=tmp_path)
+
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str):
     "A real tmpfs of `size` mounted at `path` (needs mount rights: root, as in CI here)."
