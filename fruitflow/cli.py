@@ -39,7 +39,7 @@ def _error_log(workdir: Path, e: BaseException) -> Path:
     log.write_text("".join(traceback.format_exception(e)))
     return log
 
-# %% ../nbs/11_cli.ipynb #6538c8f7
+# %% ../nbs/11_cli.ipynb #a8e929fa
 def _preflight(cfg: Config) -> str|None:
     "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
     from fruitflow.flow import unreachable
@@ -102,8 +102,6 @@ def run(args) -> int:
     print(f"MLflow run {got['run_id']}: test accuracy {got['test_accuracy']:.3f}; "
           f"registered {got['model_name']} version {got['version']} as @{got['alias']} ({got['reason']})")
     return 0
-
-
 
 # %% ../nbs/11_cli.ipynb #d1302da9
 COMMAND_MODULES = ("fruitflow.servers", "fruitflow.screenshots", "fruitflow.serve", "fruitflow.sweep", "fruitflow.report")  # each adds its commands with `add_parsers(sub)`
