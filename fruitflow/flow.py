@@ -13,9 +13,9 @@ from .download import GITHUB, ARCHIVES, _sha256
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'STATE',
-           'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'run_notebook', 'Kernels',
-           'ResumeError', 'step_key', 'load_state', 'resumable', 'unreachable', 'mlflow_client', 'TrackingLost',
-           'settle', 'pipeline']
+           'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'one_line', 'run_notebook',
+           'Kernels', 'ResumeError', 'step_key', 'load_state', 'resumable', 'unreachable', 'mlflow_client',
+           'TrackingLost', 'settle', 'pipeline']
 
 # %% ../nbs/10_flow.ipynb #c53b1018
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -81,7 +81,7 @@ def check_params(step: str, params: dict) -> None:
         if want and (not isinstance(v, want) or isinstance(v, bool) and bool not in want):
             raise TypeError(f"step {step!r}: parameter {k!r} must be {declared[k]['inferred_type_name']}, not {type(v).__name__} ({v!r})")
 
-# %% ../nbs/10_flow.ipynb #34b70b0b
+# %% ../nbs/10_flow.ipynb #19e7606e
 _DIRECTIVE = re.compile(r"^#\|\s*(export|exports|eval:\s*false)\s*$", re.M)
 
 def step_notebook(step: str):
@@ -121,6 +121,10 @@ class StepFailed(RuntimeError):
         self.step, self.notebook, self.reason, self.scraps = step, Path(notebook), reason, scraps or {}
         super().__init__(f"step '{step}' failed: {reason} (executed notebook: {notebook})")
 
+def one_line(e: BaseException, limit: int|None = None) -> str:
+    "`e` in one line: its type and the first line of its message (at most `limit` characters of it)."
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:limit] if str(e) else ''}"
+
 def _reason(e: BaseException, timeout: int) -> str:
     "What went wrong in a notebook, in one line."
     from papermill.exceptions import PapermillExecutionError
@@ -150,7 +154,7 @@ def _log_notebook(out: Path, params: dict, tracking_uri: str) -> str|None:
     if not (out.exists() and params.get("mlflow_run_id")): return None
     if why := unreachable(tracking_uri): return f"the MLflow server at {tracking_uri} does not answer ({why})"
     try: mlflow_client(tracking_uri).log_artifact(params["mlflow_run_id"], str(out), "notebooks")
-    except Exception as e: return f"could not log the executed notebook to MLflow ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+    except Exception as e: return f"could not log the executed notebook to MLflow ({one_line(e, 300)})"
 
 def _stop_kernel(km, now: bool = False):
     "Shut down (`now`: kill) the kernel of `km`, if it has one."
@@ -326,7 +330,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #b087d6dc
+# %% ../nbs/10_flow.ipynb #738631ae
 @contextlib.contextmanager
 def _store_lock(tracking_uri: str):
     "Hold a lock beside an embedded SQLite store: two pipelines creating it at once would both migrate its tables."
@@ -452,7 +456,7 @@ def settle(workdir: Path) -> list[str]:
             with contextlib.suppress(Exception): client.log_artifact(ending["run_id"], str(nb), "notebooks")
         try: _end(client, ending)
         except Exception as e:  # the run deleted meanwhile, say: say so, keep the record
-            done.append(f"could not end MLflow run {ending['run_id']} as {f} says: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            done.append(f"could not end MLflow run {ending['run_id']} as {f} says: {one_line(e, 200)}")
             continue
         f.unlink()
         done.append(f"MLflow run {ending['run_id']} marked {ending['status']} (its ending was kept in {f} while the server did not answer)")
