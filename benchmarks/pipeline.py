@@ -10,19 +10,22 @@ Issue 6, benchmark 1. All sides get the same images, the lab's 19 photos (`DIR`,
   (b) `fruitflow run --source github` from cold on the embedded defaults: a fresh work folder, so Prefect's
       temporary server starts on a fresh `prefect_home` and MLflow writes a new SQLite store;
   (c) the same `fruitflow run` with the servers already up (the lab's way of working): `fruitflow up` on free
-      ports before the clock starts (its time is printed, not counted), `fruitflow down` after;
-  (d) right after (c), on the same servers: `fruitflow run --kernels-ahead 0`, each step's kernel started (and
-      its modules imported) when the step starts rather than ahead of it, fruitflow's way before; (c)/(d) is
-      what starting kernels ahead saves (any advantage of running second goes to (d)).
+      ports before the clock starts, and until its keeper offers a warm kernel for every step (both times are
+      printed, not counted), `fruitflow down` after;
+  (d) right after (c), on the same servers with the keeper stopped: each step's kernel started (and its
+      modules imported) ahead of its step by the run itself; (c)/(d) is what the warm kernels save;
+  (e) right after (d): `fruitflow run --kernels-ahead 0`, each step's kernel started when the step starts,
+      fruitflow's first way; (d)/(e) is what starting kernels ahead saves (any advantage of running later
+      goes to (d) and (e)).
 
 MLFLOW_* and PREFECT_* are removed from every subprocess's environment, so (b) uses the embedded defaults and
-(c) and (d) find the servers only through `fruitflow up`'s pid files. Every side downloads the images afresh: the lab
-script wipes its dataset/, (b) has a fresh folder, (c)'s and (d)'s data/ is removed before each run. fruitflow runs its
+(c), (d) and (e) find the servers only through `fruitflow up`'s pid files. Every side downloads the images afresh: the lab
+script wipes its dataset/, (b) has a fresh folder, data/ is removed before each of (c), (d) and (e). fruitflow runs its
 defaults (96 px, batch 8, the `small` model, which trains at least 200 steps whatever the set's size; the
 lab's model trains 2 steps an epoch), so "same epochs" is not "same training work": `--model lab` narrows that.
-Per-step times of (b), (c) and (d) come from their "[i/5] step done in X s" lines; "outside steps" is everything
+Per-step times of (b) to (e) come from their "[i/5] step done in X s" lines; "outside steps" is everything
 else (interpreter and Prefect start-up, opening the MLflow run). Targets: (b)/(a) ≤ 1.0, (c)/(a) ≤ 0.5.
-The sides run one after another, (a) (b) (c) (d) in each repeat. A measurement, not a test: run it twice.
+The sides run one after another, (a) to (e) in each repeat. A measurement, not a test: run it twice.
 """
 import argparse, contextlib, functools, http.server, os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 from pathlib import Path
@@ -52,12 +55,12 @@ def lab_site(folder: Path):
     try: yield f"http://127.0.0.1:{srv.server_address[1]}/"
     finally: srv.shutdown()
 
-def timed(cmd: list, cwd: Path) -> tuple[float, str]:
-    "Run `cmd` in `cwd` with the clean environment: its wall time and stdout; exit with its output's tail if it fails."
+def timed(cmd: list, cwd: Path, check: bool = True) -> tuple[float, str]:
+    "Run `cmd` in `cwd` with the clean environment: its wall time and stdout; exit with its output's tail if it fails (and `check`)."
     t = time.perf_counter()
     p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=clean_env(), capture_output=True, text=True)
     s = time.perf_counter() - t
-    if p.returncode: sys.exit(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
+    if p.returncode and check: sys.exit(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
     return s, p.stdout
 
 def step_times(out: str) -> dict:
@@ -77,35 +80,50 @@ def run(base: str, work: Path, a, *more) -> dict:
                     "--model", a.model, "--workdir", work, *more], work)
     return dict(total=s, steps=step_times(out))
 
-def with_servers(base: str, work: Path, a) -> tuple[dict, dict]:
-    "(c) then (d): `fruitflow run` while `fruitflow up` serves Prefect and MLflow over `work`; up and down are not timed."
+def warm(work: Path, timeout: float = 300) -> float:
+    "Wait until `fruitflow up`'s keeper offers a warm kernel for every step: the seconds it took."
+    t = time.perf_counter()
+    while "(5 of 5)" not in timed([BIN/"fruitflow", "status", "--workdir", work], work, check=False)[1]:
+        if time.perf_counter() - t > timeout: sys.exit(f"the keeper offered no warm kernel for every step within {timeout} s: see {work}/.fruitflow/kernels.log")
+        time.sleep(1)
+    return time.perf_counter() - t
+
+def stop_keeper(work: Path):
+    "Stop `fruitflow up`'s keeper (and the kernels it offers), leaving the servers up."
+    from fruitflow.servers import KEEPER, _pidfile, _stop, running
+    if k := running(work, (KEEPER,)).get(KEEPER): _stop(k); _pidfile(work, KEEPER).unlink(missing_ok=True)
+
+def with_servers(base: str, work: Path, a) -> tuple[dict, dict, dict]:
+    "(c), (d) then (e): `fruitflow run` while `fruitflow up` serves Prefect and MLflow over `work`; up, the warming and down are not timed."
     work.mkdir(parents=True, exist_ok=True)
     up_s, _ = timed([BIN/"fruitflow", "up", "--prefect-port", free_port(), "--mlflow-port", free_port(), "--workdir", work], work)
     try:
-        got = []
-        for more in ((), ("--kernels-ahead", "0")):
+        got, warm_s = [], warm(work)
+        for more in ((), "no keeper", ("--kernels-ahead", "0")):
+            if more == "no keeper": stop_keeper(work); more = ()
             shutil.rmtree(work/"data", ignore_errors=True)  # download afresh, like the other sides
-            got.append(run(base, work, a, *more) | dict(up=up_s))
+            got.append(run(base, work, a, *more) | dict(up=up_s, warm=warm_s))
         return tuple(got)
     finally: timed([BIN/"fruitflow", "down", "--workdir", work], work)
 
 def table(r: dict) -> str:
     "One repeat's figures: per-step and total seconds of each side, ratios to the lab script against the targets."
-    rows = [f"{'':<16}{'(a) lab script':>16}{'(b) cold':>12}{'(c) servers up':>16}{'(d) (c), ahead 0':>18}"]
-    for s in STEPS: rows.append(f"{s:<16}{'':>16}" + "".join(f"{r[k]['steps'].get(s, float('nan')):>{w}.1f}" for k, w in (("cold", 12), ("up", 16), ("up0", 18))))
-    outside = {k: r[k]["total"] - sum(r[k]["steps"].values()) for k in ("cold", "up", "up0")}
-    rows.append(f"{'outside steps':<16}{'':>16}{outside['cold']:>12.1f}{outside['up']:>16.1f}{outside['up0']:>18.1f}")
-    rows.append(f"{'total s':<16}{r['lab']['total']:>16.1f}{r['cold']['total']:>12.1f}{r['up']['total']:>16.1f}{r['up0']['total']:>18.1f}")
-    rows.append(f"{'ratio to (a)':<16}{1:>16.2f}" + "".join(f"{r[k]['total'] / r['lab']['total']:>{w}.2f}" for k, w in (("cold", 12), ("up", 16), ("up0", 18))))
+    cols = (("cold", 12), ("up", 16), ("upk", 14), ("up0", 14))
+    rows = [f"{'':<16}{'(a) lab script':>16}{'(b) cold':>12}{'(c) servers up':>16}{'(d) no warm':>14}{'(e) ahead 0':>14}"]
+    for s in STEPS: rows.append(f"{s:<16}{'':>16}" + "".join(f"{r[k]['steps'].get(s, float('nan')):>{w}.1f}" for k, w in cols))
+    rows.append(f"{'outside steps':<16}{'':>16}" + "".join(f"{r[k]['total'] - sum(r[k]['steps'].values()):>{w}.1f}" for k, w in cols))
+    rows.append(f"{'total s':<16}{r['lab']['total']:>16.1f}" + "".join(f"{r[k]['total']:>{w}.1f}" for k, w in cols))
+    rows.append(f"{'ratio to (a)':<16}{1:>16.2f}" + "".join(f"{r[k]['total'] / r['lab']['total']:>{w}.2f}" for k, w in cols))
     rows.append(f"{'target':<16}{'':>16}{'≤ ' + str(TARGETS['cold']):>12}{'≤ ' + str(TARGETS['up']):>16}")
-    rows.append(f"(c) / (d): {r['up']['total'] / r['up0']['total']:.2f}, kernels started ahead against each kernel started with its step")
-    rows.append(f"(`fruitflow up` took {r['up']['up']:.1f} s before (c) and (d), not counted)")
+    rows.append(f"(c) / (d): {r['up']['total'] / r['upk']['total']:.2f}, warm kernels kept by `fruitflow up` against kernels the run starts ahead")
+    rows.append(f"(d) / (e): {r['upk']['total'] / r['up0']['total']:.2f}, kernels started ahead against each kernel started with its step")
+    rows.append(f"(`fruitflow up` took {r['up']['up']:.1f} s and its keeper {r['up']['warm']:.1f} s more to warm a kernel for every step, before (c), not counted)")
     return "\n".join(rows)
 
 def verdict(rs: list) -> str:
     "The median ratios of all repeats against the targets."
     lines = []
-    for k, name in (("cold", "(b) cold, embedded defaults"), ("up", "(c) servers already up"), ("up0", "(d) servers up, --kernels-ahead 0")):
+    for k, name in (("cold", "(b) cold, embedded defaults"), ("up", "(c) servers already up"), ("upk", "(d) servers up, no warm kernels"), ("up0", "(e) servers up, --kernels-ahead 0")):
         q = statistics.median(r[k]["total"] / r["lab"]["total"] for r in rs)
         lines.append(f"{name}: {q:.2f}× the lab script" + (f" (target ≤ {TARGETS[k]}×): {'met' if q <= TARGETS[k] else 'NOT met'}" if k in TARGETS else ""))
     return "\n".join(lines)
@@ -122,7 +140,7 @@ if __name__ == "__main__":
     with lab_site(a.images) as base:
         for i in range(a.repeat):
             r = dict(lab=lab(base, root/f"lab{i}", a), cold=run(base, root/f"cold{i}", a))
-            r["up"], r["up0"] = with_servers(base, root/f"up{i}", a)
+            r["up"], r["upk"], r["up0"] = with_servers(base, root/f"up{i}", a)
             rs.append(r)
             print(f"\nrepeat {i + 1}/{a.repeat}: {a.epochs} epochs, the lab's photos from {a.images}, fruitflow --model {a.model}\n{table(r)}", flush=True)
     print(f"\n{verdict(rs)}\n(work folders in {root})")

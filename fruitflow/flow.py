@@ -194,7 +194,7 @@ def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, time
     if not_logged: raise StepFailed(step, out, not_logged, scraps)  # a step is done when its record is; what it did may need undoing
     return scraps
 
-# %% ../nbs/10_flow.ipynb #c14e55ae
+# %% ../nbs/10_flow.ipynb #322f69eb
 def _modules(nb) -> list[str]:
     "The modules that `nb`'s code cells import at top level, in order."
     import ast
@@ -219,15 +219,31 @@ class Kernels:
         import threading
         from concurrent.futures import ThreadPoolExecutor
         import jupyter_client.manager, jupyter_client.asynchronous  # here, not in the start threads: they may start while this one imports Prefect
-        self.workdir, self.started, self.managers, self.closing, self.lock = Path(workdir), {}, {}, False, threading.Lock()
+        self.workdir, self.started, self.managers, self.closing, self.lock, self.kept = Path(workdir), {}, {}, False, threading.Lock(), set()
         self.log = Path(log) if log else self.workdir/f".kernels-{os.getpid()}.log"  # until `keep_log_in` moves it
         self.starting = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="fruitflow-kernel-start")
         self.stopping = ThreadPoolExecutor(len(STEPS), thread_name_prefix="fruitflow-kernel-stop")
+        from fruitflow.pool import mark_run
+        self.mark = mark_run(self.workdir)  # the keeper of `fruitflow up`, if any, warms no kernel while this run goes on
 
     def start(self, *steps: str):
-        "Start the kernels of `steps` that are not started yet, in that order."
+        "Take a warm kernel kept by `fruitflow up`, else start one, for each of `steps` that has none yet, in that order."
+        from concurrent.futures import Future
         for s in steps:
-            if s not in self.started and not self.closing: self.started[s] = self.starting.submit(self._start, s)
+            if s in self.started or self.closing: continue
+            if km := self._claim(s):
+                self.managers[s] = km; self.kept.add(s)
+                (f := Future()).set_result(km); self.started[s] = f
+            else: self.started[s] = self.starting.submit(self._start, s)
+
+    def _claim(self, step: str):
+        "The warm kernel kept for `step` over the work folder, if there is one fit to use."
+        from fruitflow.pool import POOL, claim
+        if not (self.workdir/POOL).is_dir(): return None  # no keeper ever ran here
+        try: return claim(self.workdir, step)
+        except Exception as e:
+            with self.lock, contextlib.suppress(OSError), open(self.log, "a") as l:
+                print(f"fruitflow: could not take the warm kernel kept for step '{step}' ({one_line(e, 300)}); one is started", file=l)
 
     def _start(self, step: str):
         import queue
@@ -267,7 +283,8 @@ class Kernels:
             if not f: return None
             km = f.result(timeout)
             with self.lock, contextlib.suppress(OSError), open(self.log, "a") as l:
-                print(f"fruitflow: step '{step}' runs in the kernel started ahead for it (pid {getattr(km.provisioner, 'pid', '?')})", file=l)
+                how = "warm kernel kept by `fruitflow up` (its output: .fruitflow/kernels.log)" if step in self.kept else "kernel started ahead for it"
+                print(f"fruitflow: step '{step}' runs in the {how}, pid {getattr(km.provisioner, 'pid', '?')}", file=l)
             return km
         except Exception as e:
             if isinstance(e, TimeoutError) and not f.cancel(): self.stopping.submit(self._stop, self.managers[step], True)
@@ -288,6 +305,7 @@ class Kernels:
             if not f.cancel() and s in self.managers: self.stopping.submit(self._stop, self.managers[s], True)
         self.started = {}
         self.starting.shutdown(wait=True); self.stopping.shutdown(wait=True)
+        if self.mark: self.mark.unlink(missing_ok=True)
         if self.log.name.startswith(".kernels-"):  # no run folder came: no run to keep it for
             with contextlib.suppress(OSError): self.log.unlink(missing_ok=True)
 

@@ -116,7 +116,7 @@ def best(results: list[dict]) -> dict:
 class SweepFailed(RuntimeError):
     "A sweep none of whose trials finished."
 
-# %% ../nbs/15_sweep.ipynb #66b00f57
+# %% ../nbs/15_sweep.ipynb #2cba6b7d
 def _preprocess(size: int, run: Config, run_dir: str, uri: str) -> dict:
     "Preprocess the downloaded images at `size` pixels into `run_dir/data-<size>/split`."
     from fruitflow.flow import run_notebook
@@ -191,8 +191,13 @@ def _one_api():
 def sweep(cfg: SweepConfig) -> dict:
     "Run the hyperparameter search `cfg` as a Prefect flow with its task runner; return the trials and the registration."
     from prefect import flow
+    from fruitflow.pool import mark_run
     runner = task_runner(cfg.task_runner, cfg.workers)  # an unknown runner fails before anything starts
-    with _one_api(): return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
+    mark = mark_run(cfg.run.workdir)  # `fruitflow up`'s keeper warms no kernel while the trials train
+    try:
+        with _one_api(): return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
+    finally:
+        if mark: mark.unlink(missing_ok=True)
 
 # %% ../nbs/15_sweep.ipynb #93bee4fb
 _SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "base_url", "step_timeout", "workdir")

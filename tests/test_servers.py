@@ -6,7 +6,7 @@ folder; the pipeline runs against them as a subprocess whose environment has no 
 checked through the servers' REST APIs and in a real headless Chromium. Nothing is mocked.
 """
 from __future__ import annotations
-import json, re, socket, struct, urllib.parse, urllib.request
+import json, re, socket, struct, time, urllib.parse, urllib.request
 from pathlib import Path
 import pytest
 from conftest import free_port, fruitflow, runs
@@ -50,9 +50,28 @@ def dashboards(tmp_path_factory):
     try: yield wd, f"http://127.0.0.1:{pp}", f"http://127.0.0.1:{mp}"
     finally: fruitflow("down", workdir=wd, timeout=120)
 
+def _warm(wd: Path, timeout: float = 300) -> list[dict]:
+    "Wait until `fruitflow up`'s keeper offers a warm kernel for every step: the offers."
+    from fruitflow.pool import offers
+    end = time.monotonic() + timeout
+    while True:
+        got = offers(wd)
+        if {o["step"] for o in got} == STEPS: return got
+        assert time.monotonic() < end, (wd/".fruitflow"/"kernels.log").read_text()[-3000:]
+        time.sleep(1)
+
+def _live(pid: int) -> bool:
+    try: return (Path(f"/proc/{pid}/stat")).read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError: return False
+
 @pytest.fixture(scope="module")
-def first_run(dashboards):
-    "One pipeline run with the servers up and no variable set: (completed process, MLflow run)."
+def warm_pool(dashboards):
+    "The warm kernels `fruitflow up`'s keeper offers, once there is one for every step (before `first_run`)."
+    return _warm(dashboards[0])
+
+@pytest.fixture(scope="module")
+def first_run(dashboards, warm_pool):
+    "One pipeline run with the servers up, a warm kernel for every step, and no variable set: (completed process, MLflow run)."
     wd, prefect, mlflow = dashboards
     p = fruitflow(*RUN, workdir=wd)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -84,6 +103,17 @@ def test_run_uses_the_servers(dashboards, first_run):
     assert len(art) == 1 and art[0]["type"] == "markdown", art
     md = art[0]["data"]
     assert f"| test_accuracy | {run.data.metrics['test_accuracy']:.4g} |" in md and f"{mlflow}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in md, md
+
+def test_run_takes_the_warm_kernels_and_the_keeper_makes_new_ones(dashboards, warm_pool, first_run):
+    wd = dashboards[0]
+    log = (Path(first_run[1].data.tags["run_dir"])/"kernels.log").read_text()
+    for o in warm_pool: assert f"step '{o['step']}' runs in the warm kernel kept by `fruitflow up` (its output: .fruitflow/kernels.log), pid {o['pid']}" in log, log
+    assert not any(_live(o["pid"]) for o in warm_pool)  # each shut down after its step
+    again = _warm(wd)  # the run is over: the keeper warms new ones
+    assert not {o["pid"] for o in again} & {o["pid"] for o in warm_pool}, again
+    s = fruitflow("status", workdir=wd, timeout=60).stdout
+    keeper = json.loads((wd/".fruitflow"/"kernels.json").read_text())["pid"]
+    assert re.search(rf"^kernels +pid {keeper} +warm: download, preprocess, train, evaluate, register \(5 of 5\)", s, re.M), s
 
 def test_mlflow_run_through_the_server(dashboards, first_run):
     wd, prefect, mlflow = dashboards
@@ -164,10 +194,13 @@ def test_user_variables_win(tmp_path, monkeypatch):
     finally: os.environ.clear(); os.environ.update(saved)  # _env_defaults sets more than this test wants to keep
 
 def test_down_stops_everything_it_started(dashboards):
+    from fruitflow.pool import offers
     wd = dashboards[0]
-    pgids = [json.loads((wd/".fruitflow"/f"{n}.json").read_text())["pid"] for n in ("prefect", "mlflow")]
+    pgids = [json.loads((wd/".fruitflow"/f"{n}.json").read_text())["pid"] for n in ("prefect", "mlflow", "kernels")]
+    kernels = [o["pid"] for o in _warm(wd)]
     assert all(_group(g) for g in pgids)
     p = fruitflow("down", workdir=wd, timeout=120)
-    assert p.returncode == 0 and "stopped prefect" in p.stdout and "stopped mlflow" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0 and "stopped prefect" in p.stdout and "stopped mlflow" in p.stdout and "stopped kernels" in p.stdout, p.stdout + p.stderr
     assert not any(_group(g) for g in pgids), {g: _group(g) for g in pgids}
+    assert not any(_live(k) for k in kernels) and not offers(wd)
     assert fruitflow("status", workdir=wd, timeout=60).returncode == 1
