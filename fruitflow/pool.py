@@ -13,17 +13,19 @@ from .servers import _start_time
 # %% auto #0
 __all__ = ['POOL', 'IMPORT_ENV', 'pool_dir', 'fingerprint', 'mark_run', 'claim', 'offers', 'keep', 'main']
 
-# %% ../nbs/17_pool.ipynb #4c1c4c45
+# %% ../nbs/17_pool.ipynb #bc26f550
 POOL = Path(".fruitflow")/"kernels"  # in the work folder: the offers, claimed/, the keeper's connection files (keeper/)
 IMPORT_ENV = ("TF_", "KERAS_", "CUDA_", "XLA_", "OMP_", "MKL_", "PYTHON", "LD_", "JUPYTER_", "IPYTHON")  # read when modules are imported
 
 def pool_dir(workdir: Path) -> Path: return Path(workdir).resolve()/POOL
 
 def fingerprint() -> str:
-    "What a warm kernel's imports depend on: the interpreter, fruitflow's code, the variables read at import time."
+    "What a warm kernel's imports depend on: the interpreter, its installed packages, fruitflow's code, the variables read at import time."
     code = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(fruitflow.__file__).resolve().parent.glob("*.py"))
+    pkgs = sorted(n for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)
+                  for n in os.listdir(p) if n.endswith((".dist-info", ".egg-info", ".pth")))  # names and versions of what pip installed
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_ENV))
-    return hashlib.sha256(json.dumps([sys.executable, sys.version, code, env]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([sys.executable, sys.version, code, pkgs, env]).encode()).hexdigest()[:16]
 
 def _live(pid: int, start: int) -> bool:
     "Is process `pid` running, started at `start` (clock ticks after boot), and not a zombie waiting for its parent?"
