@@ -348,7 +348,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #738631ae
+# %% ../nbs/10_flow.ipynb #f29749e3
 @contextlib.contextmanager
 def _store_lock(tracking_uri: str):
     "Hold a lock beside an embedded SQLite store: two pipelines creating it at once would both migrate its tables."
@@ -488,6 +488,7 @@ def _pipeline(cfg: Config, kernels: Kernels) -> dict:
     client = mlflow_client(uri)
     run_id, run_dir, state, prior = _open_run(cfg, client, uri)
     kernels.keep_log_in(run_dir)
+    if kernels.kept: print(f"warm kernels kept by `fruitflow up` for: {', '.join(s for s in STEPS if s in kernels.kept)}", flush=True)
     got, status, step, before, n, stale = {"run_id": run_id, "run_dir": str(run_dir)}, "FAILED", STEPS[0], "", len(STEPS), []
     tags, undo, what = {}, {}, "the run failed"  # what `_close` records besides the status
     try:

@@ -106,6 +106,7 @@ def test_run_uses_the_servers(dashboards, first_run):
 
 def test_run_takes_the_warm_kernels_and_the_keeper_makes_new_ones(dashboards, warm_pool, first_run):
     wd = dashboards[0]
+    assert "warm kernels kept by `fruitflow up` for: download, preprocess, train, evaluate, register" in first_run[0].stdout, first_run[0].stdout
     log = (Path(first_run[1].data.tags["run_dir"])/"kernels.log").read_text()
     for o in warm_pool: assert f"step '{o['step']}' runs in the warm kernel kept by `fruitflow up` (its output: .fruitflow/kernels.log), pid {o['pid']}" in log, log
     assert not any(_live(o["pid"]) for o in warm_pool)  # each shut down after its step
