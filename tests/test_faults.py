@@ -1,5 +1,5 @@
 """Faults caused for real: a killed kernel, a cell past its time limit, SIGTERM mid-training, unreachable servers,
-an MLflow server killed mid-run, an artifact store that is full or turns read-only (real tmpfs mounts)."""
+an MLflow server killed mid-run, `fruitflow up`'s warm-kernel keeper killed mid-run, an artifact store that is full or turns read-only (real tmpfs mounts)."""
 import contextlib, json, os, signal, subprocess, sys, time
 from pathlib import Path
 import psutil, pytest
@@ -169,6 +169,36 @@ def test_mlflow_server_lost_mid_sweep_ends_every_run_once_it_is_back(tmp_path):
         assert "does not answer" in parent.data.tags["error"], parent.data.tags
         assert len(trials) == 2 and all("mlflow" in t.data.tags.get("error", "").lower() for t in trials), [t.data.tags for t in trials]  # what failed, as far as it got
         assert not list(tmp_path.glob("runs/**/pending.json"))
+    finally: fruitflow("down", "--workdir", tmp_path, workdir=tmp_path)
+
+def _gone(pid: int) -> bool:
+    "Has process `pid` exited (a zombie left for its new parent counts)?"
+    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess: return True
+
+def test_keeper_killed_mid_run_fails_the_step_and_leaves_no_kernel(tmp_path):
+    "`fruitflow up`'s keeper is killed (SIGKILL) while train runs in a warm kernel: the step fails in one line, the run ends FAILED, no kernel is left."
+    from fruitflow.pool import offers
+    ports = ["--prefect-port", free_port(), "--mlflow-port", free_port()]
+    assert (up := fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)).returncode == 0, up.stdout + up.stderr
+    try:
+        end = time.monotonic() + 300
+        while len(warm := offers(tmp_path)) < 5:
+            assert time.monotonic() < end, (tmp_path/".fruitflow"/"kernels.log").read_text()[-3000:]
+            time.sleep(1)
+        proc = _start(tmp_path, None, *SLOW_TRAIN)
+        assert "warm kernels kept by `fruitflow up` for: download, preprocess, train" in _wait_for(proc, "[3/5] train ...")
+        time.sleep(2)  # training has begun in the keeper's kernel
+        os.kill(json.loads((tmp_path/".fruitflow"/"kernels.json").read_text())["pid"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+        line = _one_line(err)
+        assert proc.returncode == 1 and "step 'train' failed: the notebook's kernel died" in line, err
+        (run,) = runs(tmp_path)
+        assert run.info.status == "FAILED" and run.data.tags["failed_step"] == "train", (run.info.status, run.data.tags)
+        end = time.monotonic() + 30
+        while not all(_gone(o["pid"]) for o in warm):  # each sees its parent gone and exits
+            assert time.monotonic() < end, [o for o in warm if not _gone(o["pid"])]
+            time.sleep(0.5)
     finally: fruitflow("down", "--workdir", tmp_path, workdir=tmp_path)
 
 @contextlib.contextmanager
