@@ -14,7 +14,7 @@ import tensorflow as tf
 # %% auto #0
 __all__ = ['load_split', 'split_info', 'synthetic_images', 'augmentation', 'build_model', 'train', 'requirements']
 
-# %% ../nbs/03_train.ipynb #5cca5ff6
+# %% ../nbs/03_train.ipynb #a6a1fe2a
 def load_split(split_dir: Path,  # the folder preprocess wrote
                split: str,  # train, val or test
                batch_size: int = 8,  # images per batch
@@ -47,7 +47,7 @@ def synthetic_images(classes: list[str],  # the split's classes
                      cache_dir: Path|None = None,  # keep the drawn images here as .npy, for the next run with the same arguments
                     ) -> tuple[np.ndarray, np.ndarray]|None:
     "`n` synthetic photos of each class from fruitflow's generator, as (images, labels); None unless the classes are apples and oranges."
-    import fruitflow.download, hashlib, re
+    import contextlib, fruitflow.download, hashlib, re
     kinds = [m[1] if (m := re.fullmatch(r"(apple|orange)s?", c.lower())) else None for c in classes]
     if n <= 0 or None in kinds or len(set(kinds)) < len(kinds): return None
     y, shape = np.repeat(np.arange(len(classes), dtype=np.int32), n), (len(kinds) * n, size, size, 3)
@@ -60,10 +60,14 @@ def synthetic_images(classes: list[str],  # the split's classes
     base = 2**40 + seed * 1_000_003  # another stream than the synthetic source's (seed * 1_000_003 + ...): no image of its test split comes back
     x = np.stack([np.asarray(fruitflow.download.draw(k, base + c * 100_000_007 + i, size), dtype=np.uint8) for c, k in enumerate(kinds) for i in range(n)])
     if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
         part = cached.with_name(f".{cached.name}.{os.getpid()}-{threading.get_ident()}.part")
-        with open(part, "wb") as f: np.save(f, x)
-        os.replace(part, cached)  # whole or not at all, also when two trials draw the same images at once
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with open(part, "wb") as f: np.save(f, x)
+            os.replace(part, cached)  # whole or not at all, also when two trials draw the same images at once
+        except OSError as e:  # a cache that cannot be written costs time, not the run
+            print(f"synthetic photos not kept in {cached.parent}: {e}")
+            with contextlib.suppress(OSError): part.unlink(missing_ok=True)
     return x, y
 
 # %% ../nbs/03_train.ipynb #2e652181
