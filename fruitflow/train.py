@@ -116,9 +116,9 @@ def _colour_histogram(pixels, bins: int):
     "A soft colour histogram: `bins` learned colour regions (1×1 convolutions), each pixel's share averaged over the image."
     return layers.GlobalAveragePooling2D(name="colour_histogram")(layers.Conv2D(bins, 1, activation="relu")(pixels))
 
-# %% ../nbs/03_train.ipynb #c366da62
+# %% ../nbs/03_train.ipynb #b24eab1e
 def _build_state(model: keras.Model, size: int):
-    "Create the optimizer's and the metrics' variables before `fit`: Keras would create them in the first traced step, and TensorFlow then traces that step a second time (1–1.4 s here)."
+    "Create the optimizer's and the metrics' variables before `fit`: Keras would create them in the first traced step, and TensorFlow then traces that step a second time (about 1 s here)."
     n = model.outputs[0].shape[-1]
     model.optimizer.build(model.trainable_variables)
     y_pred = np.full((1, n), 1 / n, np.float32)  # not the model's own output: calling it would move its random streams, and seeded runs would change
