@@ -14,8 +14,8 @@ from .download import GITHUB, ARCHIVES, _sha256
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'STATE',
            'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'one_line', 'run_notebook',
-           'Kernels', 'ResumeError', 'step_key', 'load_state', 'resumable', 'unreachable', 'mlflow_client', 'cache_dir',
-           'TrackingLost', 'settle', 'pipeline']
+           'Kernels', 'ResumeError', 'step_key', 'load_state', 'resumable', 'unreachable', 'mlflow_client', 'data_dir',
+           'cache_dir', 'TrackingLost', 'settle', 'pipeline']
 
 # %% ../nbs/10_flow.ipynb #c53b1018
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -348,7 +348,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #7e883fc9
+# %% ../nbs/10_flow.ipynb #df8371a3
 @contextlib.contextmanager
 def _store_lock(tracking_uri: str):
     "Hold a lock beside an embedded SQLite store: two pipelines creating it at once would both migrate its tables."
@@ -382,14 +382,18 @@ def mlflow_client(tracking_uri: str):
     from mlflow import MlflowClient
     with _store_lock(tracking_uri): return MlflowClient(tracking_uri)
 
+def data_dir(workdir: Path) -> Path:
+    "Where the download step keeps the images it fetches, unpacks or draws: `data/` of the work folder."
+    return Path(workdir).resolve()/"data"
+
 def cache_dir(workdir: Path) -> Path:
     "Where steps keep what they can make again but would rather not (the synthetic photos train mixes in): `data/.cache` of the work folder."
-    return Path(workdir).resolve()/"data"/".cache"
+    return data_dir(workdir)/".cache"
 
 def _step_params(step: str, cfg: Config, run_dir: Path, got: dict) -> dict:
     "The parameters of `step`, from the config and what earlier steps glued."
     return {
-        "download": lambda: dict(source=cfg.source, data_root=str(Path(cfg.workdir).resolve()/"data"), manifest_path=str(run_dir/"manifest.csv"),
+        "download": lambda: dict(source=cfg.source, data_root=str(data_dir(cfg.workdir)), manifest_path=str(run_dir/"manifest.csv"),
                                  base_url=cfg.base_url, n_per_class=cfg.n_per_class, seed=cfg.seed),
         "preprocess": lambda: dict(manifest_path=str(run_dir/"manifest.csv"), out_dir=str(run_dir/"split"), image_size=cfg.image_size, seed=cfg.seed),
         "train": lambda: dict(split_dir=got["split_dir"], model_path=str(run_dir/"model"/"model.keras"), model_kind=cfg.model_kind,
