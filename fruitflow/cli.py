@@ -158,8 +158,14 @@ def config(args: argparse.Namespace) -> Config:
         print(f"fruitflow {args.command}: error: --{opt}: {err['msg'].removeprefix('Value error, ')} (see fruitflow {args.command} --help)", file=sys.stderr)
         sys.exit(2)
 
-# %% ../nbs/11_cli.ipynb #673b0102
+# %% ../nbs/11_cli.ipynb #b5c8069e
+def _stacks_on_signal():
+    "Print every thread's stack to stderr on SIGUSR1 (where there is one)."
+    import faulthandler
+    if hasattr(signal, "SIGUSR1"): faulthandler.register(signal.SIGUSR1, all_threads=True)
+
 def main(argv: list[str]|None = None) -> int:
     "The `fruitflow` command."
+    _stacks_on_signal()
     args = parser().parse_args(argv)
     return args.func(args)

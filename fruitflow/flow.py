@@ -194,7 +194,7 @@ def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, time
     if not_logged: raise StepFailed(step, out, not_logged, scraps)  # a step is done when its record is; what it did may need undoing
     return scraps
 
-# %% ../nbs/10_flow.ipynb #322f69eb
+# %% ../nbs/10_flow.ipynb #25e9af94
 def _modules(nb) -> list[str]:
     "The modules that `nb`'s code cells import at top level, in order."
     import ast
@@ -220,6 +220,7 @@ class Kernels:
         from concurrent.futures import ThreadPoolExecutor
         import jupyter_client.manager, jupyter_client.asynchronous  # here, not in the start threads: they may start while this one imports Prefect
         self.workdir, self.started, self.managers, self.closing, self.lock, self.kept = Path(workdir), {}, {}, False, threading.Lock(), set()
+        self.given_up = set()  # steps whose kernel was not ready in time: its start stops it
         self.log = Path(log) if log else self.workdir/f".kernels-{os.getpid()}.log"  # until `keep_log_in` moves it
         self.starting = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="fruitflow-kernel-start")
         self.stopping = ThreadPoolExecutor(len(STEPS), thread_name_prefix="fruitflow-kernel-stop")
@@ -258,11 +259,11 @@ class Kernels:
             kc.start_channels()
             try:  # no wait_for_ready: its own wait may outlast a kernel killed at close; the request waits in ZMQ for the kernel
                 msg_id = kc.execute(_warm_code(_modules(step_notebook(step))), silent=True)
-                while not self.closing:
+                while not (self.closing or step in self.given_up):
                     with contextlib.suppress(queue.Empty):
                         if kc.get_shell_msg(timeout=0.5)["parent_header"].get("msg_id") == msg_id: return km
                     if not km.is_alive(): raise RuntimeError("the kernel died while importing")
-                raise RuntimeError("the pipeline ended first")
+                raise RuntimeError("the pipeline ended first" if self.closing else "its step gave up waiting")
             finally: kc.stop_channels()
         except BaseException:
             self._stop(km, now=True)
@@ -287,12 +288,17 @@ class Kernels:
                 print(f"fruitflow: step '{step}' runs in the {how}, pid {getattr(km.provisioner, 'pid', '?')}", file=l)
             return km
         except Exception as e:
-            if isinstance(e, TimeoutError) and not f.cancel(): self.stopping.submit(self._stop, self.managers[step], True)
+            if isinstance(e, TimeoutError) and not f.cancel():  # still starting: it stops itself, or is stopped once it has started
+                self.given_up.add(step); f.add_done_callback(self._stop_started)
             with self.lock, contextlib.suppress(OSError), open(self.log, "a") as l:
                 print(f"fruitflow: the kernel started ahead for step '{step}' failed ({type(e).__name__}: {e}); papermill starts one", file=l)
             return None
 
     _stop = staticmethod(_stop_kernel)
+
+    def _stop_started(self, f):
+        "Kill the kernel a finished start handed back (one that failed stopped its own)."
+        if not f.cancelled() and f.exception() is None: self.stopping.submit(self._stop, f.result(), True)
 
     def done(self, km, now: bool = False):
         "Shut down a step's kernel in the background (`now`: kill it)."
@@ -300,9 +306,9 @@ class Kernels:
 
     def close(self):
         "Stop at once the kernels no step took, and wait until every kernel is gone."
-        self.closing = True  # a kernel still importing stops itself
-        for s, f in self.started.items():
-            if not f.cancel() and s in self.managers: self.stopping.submit(self._stop, self.managers[s], True)
+        self.closing = True  # a kernel still starting or importing stops itself...
+        for f in self.started.values():
+            if not f.cancel(): f.add_done_callback(self._stop_started)  # ...and one started, or kept warm, is stopped here
         self.started = {}
         self.starting.shutdown(wait=True); self.stopping.shutdown(wait=True)
         if self.mark: self.mark.unlink(missing_ok=True)

@@ -5,7 +5,7 @@ kernels, an MLflow SQLite store, and an HTTP server on 127.0.0.1. Servers bind t
 CI jobs don't collide, and one pipeline run is shared by every test that only inspects it.
 """
 from __future__ import annotations
-import contextlib, functools, http.server, json, os, shutil, socket, subprocess, sys, threading, time, urllib.request
+import contextlib, functools, http.server, json, os, shutil, signal, socket, subprocess, sys, threading, time, urllib.request
 from pathlib import Path
 import pytest
 
@@ -67,7 +67,14 @@ def lab_site():
 def fruitflow(*args, workdir: Path, env: dict|None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     "Run the `fruitflow` command in `workdir` and return its completed process (text output)."
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | (env or {})
-    return subprocess.run([str(BIN/"fruitflow"), *map(str, args)], cwd=workdir, env=e, capture_output=True, text=True, timeout=timeout)
+    cmd = [str(BIN/"fruitflow"), *map(str, args)]
+    with subprocess.Popen(cmd, cwd=workdir, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        try: out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hang: ask it where it is (every thread's stack, `fruitflow.cli._stacks_on_signal`), then kill it
+            p.send_signal(signal.SIGUSR1); time.sleep(3); p.kill()
+            out, err = p.communicate()
+            pytest.fail(f"`{' '.join(cmd[1:])}` still ran after {timeout} s; its output's end:\n{out[-3000:]}\nits threads:\n{err[-12000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 def mlflow_client(workdir: Path):
     "A client of the embedded store of `workdir`, for tracking and registry alike (whatever this process set globally)."
