@@ -138,7 +138,7 @@ def _colour_histogram(pixels, bins: int):
     "A soft colour histogram: `bins` learned colour regions (1×1 convolutions), each pixel's share averaged over the image."
     return layers.GlobalAveragePooling2D(name="colour_histogram")(layers.Conv2D(bins, 1, activation="relu")(pixels))
 
-# %% ../nbs/03_train.ipynb #fcdb09ff
+# %% ../nbs/03_train.ipynb #d6dd33e1
 def _build_state(model: keras.Model, size: int):
     "Create the optimizer's and the metrics' variables before `fit`: Keras would create them in the first traced step, and TensorFlow then traces that step a second time (about 1 s here)."
     n = model.outputs[0].shape[-1]
@@ -187,7 +187,7 @@ def train(split_dir: Path,  # the split written by preprocess
     stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True, start_from_epoch=min_epochs)] if has_val else []
     # batch_size and shuffle=False are for autologging's record: the dataset batches and shuffles itself
     batches = load_split(split_dir, "train", batch_size, shuffle=True, seed=seed, extra=extra).repeat()
-    if small: batches = augmented(batches, augment, seed)  # lab: as the lab trained it, no augmentation
+    if small and augment > 0: batches = augmented(batches, augment, seed)  # lab: as the lab trained it, no augmentation
     hist = model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2,
                      batch_size=batch_size, shuffle=False, validation_data=load_split(split_dir, "val", batch_size) if has_val else None,
                      class_weight=weights, callbacks=stop).history
