@@ -73,7 +73,7 @@ def synthetic_images(classes: list[str],  # the split's classes
             with contextlib.suppress(OSError): part.unlink(missing_ok=True)
     return x, y
 
-# %% ../nbs/03_train.ipynb #d46d1478
+# %% ../nbs/03_train.ipynb #0e75d9bc
 def augment_images(x: tf.Tensor,  # a batch of images, pixel values 0–255
                    seed: tf.Tensor,  # two integers: the same seed, the same amounts
                    strength: float = 1.0,  # scales every amount; 0 or less leaves `x` as it is
@@ -84,8 +84,8 @@ def augment_images(x: tf.Tensor,  # a batch of images, pixel values 0–255
     u = tf.unstack(tf.random.stateless_uniform([8, tf.shape(x)[0]], seed, -1.0, 1.0))  # one amount of each kind per image, in [-1, 1)
     flip = tf.where(u[0] < 0, -1.0, 1.0)  # horizontal, half the time
     angle, zoom = u[1] * 0.08 * s * 2 * math.pi, 1 + u[2] * 0.15 * s  # up to ±29° (at strength 1); zoom in or out by up to 15 %
-    cos, sin, (cx, cy) = zoom * tf.cos(angle), zoom * tf.sin(angle), ((w - 1) / 2, (h - 1) / 2)
-    a0, a1, b0, b1 = cos * flip, -sin, sin * flip, cos  # each output pixel's place in the input, about the centre...
+    zcos, zsin, (cx, cy) = zoom * tf.cos(angle), zoom * tf.sin(angle), ((w - 1) / 2, (h - 1) / 2)
+    a0, a1, b0, b1 = zcos * flip, -zsin, zsin * flip, zcos  # each output pixel's place in the input, about the centre...
     a2, b2 = cx - a0 * cx - a1 * cy - u[3] * 0.1 * s * w, cy - b0 * cx - b1 * cy - u[4] * 0.1 * s * h  # ...shifted by up to 10 % each way
     warp = tf.stack([a0, a1, a2, b0, b1, b2, tf.zeros_like(a0), tf.zeros_like(a0)], 1)
     x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=warp, output_shape=[h, w], fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
