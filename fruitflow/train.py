@@ -14,7 +14,7 @@ import tensorflow as tf
 # %% auto #0
 __all__ = ['load_split', 'split_info', 'synthetic_images', 'augment_images', 'augmented', 'build_model', 'train', 'requirements']
 
-# %% ../nbs/03_train.ipynb #1f77d6c7
+# %% ../nbs/03_train.ipynb #1f20c8b9
 def load_split(split_dir: Path,  # the folder preprocess wrote
                split: str,  # train, val or test
                batch_size: int = 8,  # images per batch
@@ -52,7 +52,8 @@ def synthetic_images(classes: list[str],  # the split's classes
     if n <= 0 or None in kinds or len(set(kinds)) < len(kinds): return None
     y, shape = np.repeat(np.arange(len(classes), dtype=np.int32), n), (len(kinds) * n, size, size, 3)
     code = hashlib.sha256(Path(fruitflow.download.__file__).read_bytes()).hexdigest()[:12]  # another generator draws other images
-    cached = Path(cache_dir)/f"mix-{'-'.join(kinds)}-n{n}-{size}px-s{seed}-{code}.npy" if cache_dir else None
+    stem = f"mix-{'-'.join(kinds)}-n{n}-{size}px-s{seed}"  # these images, by any version of the generator
+    cached = Path(cache_dir)/f"{stem}-{code}.npy" if cache_dir else None
     if cached and cached.exists():
         try:
             if (x := np.load(cached)).shape == shape and x.dtype == np.uint8: return x, y
@@ -65,7 +66,7 @@ def synthetic_images(classes: list[str],  # the split's classes
             cached.parent.mkdir(parents=True, exist_ok=True)
             with open(part, "wb") as f: np.save(f, x)
             os.replace(part, cached)  # whole or not at all, also when two trials draw the same images at once
-            for stale in cached.parent.glob(f"mix-{'-'.join(kinds)}-n{n}-{size}px-s{seed}-*.npy"):  # the same images from an older generator
+            for stale in cached.parent.glob(f"{stem}-*.npy"):  # the same images from an older generator
                 if stale != cached:
                     with contextlib.suppress(OSError): stale.unlink()
         except OSError as e:  # a cache that cannot be written costs time, not the run
