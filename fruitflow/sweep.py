@@ -117,7 +117,7 @@ def best(results: list[dict]) -> dict:
 class SweepFailed(RuntimeError):
     "A sweep none of whose trials finished."
 
-# %% ../nbs/15_sweep.ipynb #2cba6b7d
+# %% ../nbs/15_sweep.ipynb #a1d0226b
 def _preprocess(size: int, run: Config, run_dir: str, uri: str) -> dict:
     "Preprocess the downloaded images at `size` pixels into `run_dir/data-<size>/split`."
     from fruitflow.flow import run_notebook
@@ -185,9 +185,8 @@ def _one_api():
     "A context in which Prefect's API is one server's: `PREFECT_API_URL`'s, or else the temporary server started here."
     from prefect.settings import PREFECT_API_URL, temporary_settings
     if PREFECT_API_URL.value(): return contextlib.nullcontext()
-    from prefect.server.api.server import SubprocessASGIServer
-    server = SubprocessASGIServer(); server.start()  # the one Prefect itself would start in this process; stopped at exit
-    return temporary_settings(updates={PREFECT_API_URL: server.api_url})
+    from fruitflow.flow import temporary_prefect_server
+    return temporary_settings(updates={PREFECT_API_URL: temporary_prefect_server()})  # Prefect's own, stopped at exit
 
 def sweep(cfg: SweepConfig) -> dict:
     "Run the hyperparameter search `cfg` as a Prefect flow with its task runner; return the trials and the registration."

@@ -1,5 +1,5 @@
 "The whole pipeline, run for real: Prefect server, papermill kernels, MLflow store, HTTP downloads."
-import json, urllib.request
+import contextlib, json, sqlite3, urllib.request
 from pathlib import Path
 import pytest
 from conftest import FAST, fruitflow, mlflow_client, runs
@@ -39,6 +39,27 @@ def test_synthetic_run(synthetic_run):
     out = proc.stdout
     assert all(f"[{i}/5] {s[3:]} done in" in out for i, s in enumerate(STEPS, 1)), out
     assert f"MLflow run {run.info.run_id}: test accuracy" in out
+
+def test_cold_runs_start_prefect_from_a_kept_database(tmp_path):
+    """Two runs on the embedded defaults, no server: each starts Prefect's temporary server on a fresh home. The first
+    one's database, once migrated, is kept in fruitflow's cache before the flow writes to it; the second home starts from a copy."""
+    cache = tmp_path/"cache"
+    for name in ("first", "second"):
+        (wd := tmp_path/name).mkdir()
+        p = fruitflow("run", "--source", "synthetic", "--n-per-class", "6", *FAST, workdir=wd, env={"FRUITFLOW_CACHE": str(cache)})
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        (run,) = runs(wd)
+        check_complete_run(wd, run, epochs=1)
+        assert run.data.tags["prefect.flow_run_id"]
+    (template,) = cache.iterdir()
+    assert template.name.startswith("prefect-") and template.suffix == ".db"  # no part file left
+    def contents(db: Path) -> tuple[set, int]:
+        with contextlib.closing(sqlite3.connect(db)) as c:
+            return {i for (i,) in c.execute("select id from block_schema")}, c.execute("select count(*) from flow_run").fetchone()[0]
+    (kept, n_kept), (first, n_first), (second, n_second) = (contents(d) for d in (template, tmp_path/"first/prefect_home/prefect.db", tmp_path/"second/prefect_home/prefect.db"))
+    assert kept and n_kept == 0  # Prefect's block types, no run
+    assert first == kept == second  # ids a fresh database draws at random: the second home's came from the copy
+    assert n_first == n_second == 1  # each home holds its own run
 
 def test_lab_images_over_http(tmp_path, prefect_api, lab_site):
     p = fruitflow("run", "--source", "github", "--base-url", lab_site, *FAST, workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
