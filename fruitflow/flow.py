@@ -355,7 +355,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #50646f21
+# %% ../nbs/10_flow.ipynb #3df62232
 def user_cache() -> Path:
     "fruitflow's cache on this machine, shared by work folders: `$FRUITFLOW_CACHE`, else `$XDG_CACHE_HOME/fruitflow`, else `~/.cache/fruitflow`."
     if v := os.environ.get("FRUITFLOW_CACHE"): return Path(v).expanduser()
@@ -407,7 +407,9 @@ def _default_prefect_db() -> Path|None:
 def temporary_prefect_server() -> str:
     "Start the temporary server Prefect itself would start in this process (and stops at exit), from the kept database when its home is fresh: its API URL."
     from prefect.server.api.server import SubprocessASGIServer
-    db, template = _default_prefect_db(), prefect_template()
+    db = _default_prefect_db()
+    try: template = prefect_template()
+    except RuntimeError: db = None  # no home folder for a cache: Prefect migrates a fresh database, as it would
     fresh = db is not None and not db.exists() and not seed_prefect_db(db, template)
     server = SubprocessASGIServer()  # Prefect's one per process: its flows find it started
     server.start()
