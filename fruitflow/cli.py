@@ -9,10 +9,11 @@ from pathlib import Path
 from .flow import Config, PREFECT_HOME, STEPS, one_line
 
 # %% auto #0
-__all__ = ['KEEP_ON_RESUME', 'ADDED_LATER', 'COMMAND_MODULES', 'resume_config', 'run', 'data_options', 'parser', 'config', 'main']
+__all__ = ['KEEP_ON_RESUME', 'ADDED_LATER', 'COMMAND_MODULES', 'env_defaults', 'resume_config', 'run', 'data_options', 'parser',
+           'config', 'main']
 
-# %% ../nbs/11_cli.ipynb #8c81965a
-def _env_defaults(workdir: Path):
+# %% ../nbs/11_cli.ipynb #18a9de9c
+def env_defaults(workdir: Path):
     "Set fruitflow's defaults for Prefect, TensorFlow and MLflow where the user set nothing; servers `fruitflow up` started over `workdir` are used."
     from fruitflow.servers import env_from_servers
     for k, v in {**env_from_servers(workdir),  # PREFECT_API_URL, MLFLOW_TRACKING_URI of running dashboards
@@ -39,7 +40,7 @@ def _error_log(workdir: Path, e: BaseException) -> Path:
     log.write_text("".join(traceback.format_exception(e)))
     return log
 
-# %% ../nbs/11_cli.ipynb #b7916978
+# %% ../nbs/11_cli.ipynb #8553be0c
 def _preflight(cfg: Config) -> str|None:
     "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
     from fruitflow.flow import unreachable
@@ -78,7 +79,7 @@ def run(args) -> int:
             print(f"fruitflow run: error: {e}", file=sys.stderr)
             return 2
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    _env_defaults(cfg.workdir)
+    env_defaults(cfg.workdir)
     if why := _preflight(cfg):
         print(f"fruitflow run: {why}", file=sys.stderr)
         return 1

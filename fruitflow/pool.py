@@ -109,7 +109,7 @@ def claim(workdir: Path, step: str):
             raise
     return None
 
-# %% ../nbs/17_pool.ipynb #b961f6d6
+# %% ../nbs/17_pool.ipynb #882901e8
 def _warm(step: str, wd: Path, d: Path, fp: str, timeout: float = 600) -> tuple[str, object]:
     "Start `step`'s kernel, import its notebook's modules in it, then offer it: the offer's file name and the kernel's manager."
     kid = uuid.uuid4().hex[:8]
@@ -180,6 +180,6 @@ def keep(workdir: Path, steps: tuple[str, ...] = STEPS, poll: float = 0.5, retry
 
 def main(workdir: str):
     "The keeper's process, as `fruitflow up` starts it: the variables a run sets where the user set none (so fingerprints match), then `keep`."
-    from fruitflow.cli import _env_defaults
-    _env_defaults(Path(workdir))
+    from fruitflow.cli import env_defaults
+    env_defaults(Path(workdir))
     keep(workdir)

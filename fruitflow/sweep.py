@@ -199,7 +199,7 @@ def sweep(cfg: SweepConfig) -> dict:
     finally:
         if mark: mark.unlink(missing_ok=True)
 
-# %% ../nbs/15_sweep.ipynb #93bee4fb
+# %% ../nbs/15_sweep.ipynb #4d5277c8
 _SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "base_url", "step_timeout", "workdir")
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
@@ -229,8 +229,8 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fruitflow sweep: error: --task-runner: {e}", file=sys.stderr)
         return 2
-    from fruitflow.cli import _env_defaults, _error_log, _sigterm
-    _env_defaults(cfg.run.workdir)
+    from fruitflow.cli import env_defaults, _error_log, _sigterm
+    env_defaults(cfg.run.workdir)
     from fruitflow.flow import StepFailed, TrackingLost, settle
     for line in settle(cfg.run.workdir): print(line)  # endings kept while a server was away
     signal.signal(signal.SIGTERM, _sigterm)

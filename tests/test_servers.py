@@ -181,7 +181,7 @@ def test_stale_pid_file_is_cleaned(tmp_path):
 def test_user_variables_win(tmp_path, monkeypatch):
     "A running server's URL fills only the variables the user left unset (this process plays the server: its pid file is real)."
     import os
-    from fruitflow.cli import _env_defaults
+    from fruitflow.cli import env_defaults
     from fruitflow.servers import _start_time
     (tmp_path/".fruitflow").mkdir()
     for n, port in (("prefect", 1), ("mlflow", 2)):
@@ -190,9 +190,9 @@ def test_user_variables_win(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mine.db")
     saved = dict(os.environ)
     try:
-        _env_defaults(tmp_path)
+        env_defaults(tmp_path)
         assert (os.environ["MLFLOW_TRACKING_URI"], os.environ["PREFECT_API_URL"]) == ("sqlite:///mine.db", "http://127.0.0.1:1/api")
-    finally: os.environ.clear(); os.environ.update(saved)  # _env_defaults sets more than this test wants to keep
+    finally: os.environ.clear(); os.environ.update(saved)  # env_defaults sets more than this test wants to keep
 
 def test_down_stops_everything_it_started(dashboards):
     from fruitflow.pool import offers
