@@ -355,7 +355,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #3df62232
+# %% ../nbs/10_flow.ipynb #676bc13b
 def user_cache() -> Path:
     "fruitflow's cache on this machine, shared by work folders: `$FRUITFLOW_CACHE`, else `$XDG_CACHE_HOME/fruitflow`, else `~/.cache/fruitflow`."
     if v := os.environ.get("FRUITFLOW_CACHE"): return Path(v).expanduser()
@@ -391,7 +391,8 @@ def keep_prefect_template(db: Path, template: Path) -> bool:
         with contextlib.closing(sqlite3.connect(db)) as src, contextlib.closing(sqlite3.connect(part)) as dst:
             src.backup(dst)  # a consistent snapshot, even while the server writes
             dst.execute("pragma journal_mode = delete")  # one self-contained file; Prefect turns WAL on again when it opens it
-            ok = dst.execute("pragma integrity_check").fetchone()[0] == "ok" and dst.execute("select count(*) from alembic_version").fetchone()[0] == 1
+            ok = (dst.execute("pragma integrity_check").fetchone()[0] == "ok" and dst.execute("select count(*) from alembic_version").fetchone()[0] == 1
+                  and dst.execute("select count(*) from flow_run").fetchone()[0] == 0)  # migrated, and no run in it (one sharing the home, say)
         if ok: os.replace(part, template)
         return ok
     except (OSError, sqlite3.Error): return False
