@@ -355,7 +355,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #676bc13b
+# %% ../nbs/10_flow.ipynb #c50d16c5
 def user_cache() -> Path:
     "fruitflow's cache on this machine, shared by work folders: `$FRUITFLOW_CACHE`, else `$XDG_CACHE_HOME/fruitflow`, else `~/.cache/fruitflow`."
     if v := os.environ.get("FRUITFLOW_CACHE"): return Path(v).expanduser()
@@ -414,7 +414,8 @@ def temporary_prefect_server() -> str:
     fresh = db is not None and not db.exists() and not seed_prefect_db(db, template)
     server = SubprocessASGIServer()  # Prefect's one per process: its flows find it started
     server.start()
-    if fresh: keep_prefect_template(db, template)  # as its server made it: no run in it yet
+    if fresh and keep_prefect_template(db, template):  # as its server made it: no run in it yet
+        print(f"kept Prefect's migrated, empty database in {template}: servers on fresh homes start from a copy (delete it at will)", flush=True)
     return server.api_url
 
 # %% ../nbs/10_flow.ipynb #2a281c30

@@ -51,6 +51,7 @@ def test_cold_runs_start_prefect_from_a_kept_database(tmp_path):
         (run,) = runs(wd)
         check_complete_run(wd, run, epochs=1)
         assert run.data.tags["prefect.flow_run_id"]
+        assert ("kept Prefect's migrated, empty database in" in p.stdout) == (name == "first"), p.stdout  # said once, when kept
     (template,) = cache.iterdir()
     assert template.name.startswith("prefect-") and template.suffix == ".db"  # no part file left
     def contents(db: Path) -> tuple[set, int]:
