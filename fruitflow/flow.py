@@ -13,10 +13,11 @@ from .download import GITHUB, ARCHIVES, _sha256
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'STATE',
-           'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'one_line', 'run_notebook',
-           'Kernels', 'ResumeError', 'step_key', 'load_state', 'resumable', 'user_cache', 'prefect_template',
-           'seed_prefect_db', 'keep_prefect_template', 'temporary_prefect_server', 'unreachable', 'mlflow_client',
-           'data_dir', 'cache_dir', 'TrackingLost', 'settle', 'pipeline']
+           'SERVER_ENV', 'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'one_line',
+           'run_notebook', 'Kernels', 'ResumeError', 'step_key', 'load_state', 'resumable', 'user_cache',
+           'prefect_template', 'seed_prefect_db', 'keep_prefect_template', 'prefect_server_command',
+           'TemporaryPrefectServer', 'unreachable', 'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle',
+           'pipeline']
 
 # %% ../nbs/10_flow.ipynb #c53b1018
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -355,7 +356,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #c50d16c5
+# %% ../nbs/10_flow.ipynb #e978aa97
 def user_cache() -> Path:
     "fruitflow's cache on this machine, shared by work folders: `$FRUITFLOW_CACHE`, else `$XDG_CACHE_HOME/fruitflow`, else `~/.cache/fruitflow`."
     if v := os.environ.get("FRUITFLOW_CACHE"): return Path(v).expanduser()
@@ -405,20 +406,89 @@ def _default_prefect_db() -> Path|None:
     db = Path(s.home)/"prefect.db"
     return db if s.server.database.connection_url.get_secret_value() == f"sqlite+aiosqlite:///{db}" else None
 
-def temporary_prefect_server() -> str:
-    "Start the temporary server Prefect itself would start in this process (and stops at exit), from the kept database when its home is fresh: its API URL."
-    from prefect.server.api.server import SubprocessASGIServer
-    db = _default_prefect_db()
-    try: template = prefect_template()
-    except RuntimeError: db = None  # no home folder for a cache: Prefect migrates a fresh database, as it would
-    fresh = db is not None and not db.exists() and not seed_prefect_db(db, template)
-    server = SubprocessASGIServer()  # Prefect's one per process: its flows find it started
-    server.start()
-    if fresh and keep_prefect_template(db, template):  # as its server made it: no run in it yet
-        print(f"kept Prefect's migrated, empty database in {template}: servers on fresh homes start from a copy (delete it at will)", flush=True)
-    return server.api_url
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # what Prefect sets for its temporary server
 
-# %% ../nbs/10_flow.ipynb #2a281c30
+def prefect_server_command(port: int) -> list[str]:
+    "The command Prefect 3.9's `SubprocessASGIServer` runs for its temporary server on `port` (127.0.0.1 only)."
+    import importlib.util
+    app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent  # where `prefect` is, as Prefect passes it
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory", "prefect.server.api.server:create_app",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+
+class TemporaryPrefectServer:
+    "Prefect's temporary server, launched at once (from the kept database when its home is fresh) and waited for with `wait()`; stopped at exit, as Prefect stops its own."
+    tries = 2  # launches, each on a fresh port: uvicorn exits with 3 when its port was taken meanwhile (or when the app fails to start)
+    def __init__(self):
+        import atexit
+        from prefect.settings import get_current_settings
+        s, self.db = get_current_settings(), _default_prefect_db()
+        try: self.template = prefect_template()
+        except RuntimeError: self.db = None  # no home folder for a cache: Prefect migrates a fresh database, as it would
+        self.fresh = self.db is not None and not self.db.exists() and not seed_prefect_db(self.db, self.template)
+        self.timeout = s.server.ephemeral.startup_timeout_seconds
+        self.env = os.environ | SERVER_ENV | s.to_environment_variables(exclude_unset=True)  # as Prefect passes them
+        self.env["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"  # its console is a log file, not this process's
+        self.log = Path(s.home)/"temporary-server.log"  # its messages, not on the console
+        self.since = self.log.stat().st_size if self.log.exists() else 0  # where this process's part of the log starts
+        self.process, self.url, self.launches = None, "", 0
+        self._launch()
+        atexit.register(self.stop)  # registered before the flow: Prefect's log and event workers, registered later, flush first
+
+    def _launch(self):
+        import socket, subprocess
+        with socket.socket() as sock: sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]
+        self.url, self.launches = f"http://127.0.0.1:{port}/api", self.launches + 1
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as log:  # the server keeps its own copy
+            print(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} process {os.getpid()} starts Prefect's temporary server on {self.url}", file=log, flush=True)
+            self.process = subprocess.Popen(prefect_server_command(port), env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self) -> str:
+        "Wait until the server answers, make it this process's Prefect API (for every thread, and for processes started from here): its URL."
+        import urllib.request
+        from prefect.context import refresh_global_settings_context
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if (code := self.process.poll()) is not None:
+                if code == 3 and self.launches < self.tries: self._launch(); continue
+                self.stop()
+                raise RuntimeError(f"Prefect's temporary server exited with code {code} before it answered{self._why()} (its messages: {self.log}); "
+                                   "or set PREFECT_API_URL to a running server")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2): break
+            except OSError: pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"Prefect's temporary server did not answer in {self.timeout} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; "
+                                   f"its messages: {self.log}); or set PREFECT_API_URL to a running server")
+            time.sleep(0.1)
+        if self.fresh and keep_prefect_template(self.db, self.template):  # as its server made it: no run in it yet
+            print(f"kept Prefect's migrated, empty database in {self.template}: servers on fresh homes start from a copy (delete it at will)", flush=True)
+        self.fresh = False
+        os.environ["PREFECT_API_URL"] = self.url
+        refresh_global_settings_context()  # Prefect read its settings at import
+        return self.url
+
+    def _why(self) -> str:
+        "The last exception the server's log names, as ': <exception>'; '' if none."
+        with contextlib.suppress(OSError), open(self.log, "rb") as f:
+            f.seek(self.since)  # not an earlier run's
+            errs = [l for l in f.read().decode(errors="replace").splitlines() if re.match(r"[\w.]*(Error|Exception): ", l)]
+            if errs: return f": {errs[-1][:300]}"
+        return ""
+
+    def stop(self):
+        "Stop the server (killed if it has not stopped in 5 s) and wait for it."
+        import subprocess
+        if not self.process or self.process.poll() is not None: return
+        self.process.terminate()
+        try: self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill(); self.process.wait()
+
+
+
+# %% ../nbs/10_flow.ipynb #f57a5304
 @contextlib.contextmanager
 def _store_lock(tracking_uri: str):
     "Hold a lock beside an embedded SQLite store: two pipelines creating it at once would both migrate its tables."
@@ -559,12 +629,11 @@ def settle(workdir: Path) -> list[str]:
         done.append(f"MLflow run {ending['run_id']} marked {ending['status']} (its ending was kept in {f} while the server did not answer)")
     return done
 
-def _pipeline(cfg: Config, kernels: Kernels) -> dict:
-    "Run (or resume) every step in one MLflow run; see `pipeline`."
+def _pipeline(cfg: Config, kernels: Kernels, client) -> dict:
+    "Run (or resume) every step in one MLflow run, tracked by `client`; see `pipeline`."
     from prefect import task
     from prefect.cache_policies import NO_CACHE
     uri = cfg.resolved_tracking_uri()
-    client = mlflow_client(uri)
     run_id, run_dir, state, prior = _open_run(cfg, client, uri)
     kernels.keep_log_in(run_dir)
     if kernels.kept: print(f"warm kernels kept by `fruitflow up` for: {', '.join(s for s in STEPS if s in kernels.kept)}", flush=True)
@@ -623,9 +692,11 @@ def pipeline(cfg: Config) -> dict:
     kernels = Kernels(Path(cfg.workdir).resolve())
     if cfg.kernels_ahead and not cfg.resume: kernels.start(*STEPS[:1 + cfg.kernels_ahead])  # first: they warm while Prefect is imported and started and the MLflow run opens
     try:
-        from prefect import flow
         from prefect.settings import PREFECT_API_URL
-        if not PREFECT_API_URL.value(): temporary_prefect_server()  # Prefect would start it in the flow: here it starts from the kept database
-        def pipeline_flow(cfg: Config) -> dict: return _pipeline(cfg, kernels)
+        server = None if PREFECT_API_URL.value() else TemporaryPrefectServer()  # Prefect would start it in the flow: here it starts now, from the kept database
+        from prefect import flow
+        client = mlflow_client(cfg.resolved_tracking_uri())  # while the server starts
+        if server: server.wait()
+        def pipeline_flow(cfg: Config) -> dict: return _pipeline(cfg, kernels, client)
         return flow(pipeline_flow, name="fruitflow", validate_parameters=False)(cfg)
     finally: kernels.close()

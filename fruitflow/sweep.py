@@ -117,7 +117,7 @@ def best(results: list[dict]) -> dict:
 class SweepFailed(RuntimeError):
     "A sweep none of whose trials finished."
 
-# %% ../nbs/15_sweep.ipynb #a1d0226b
+# %% ../nbs/15_sweep.ipynb #e8ea449e
 def _preprocess(size: int, run: Config, run_dir: str, uri: str) -> dict:
     "Preprocess the downloaded images at `size` pixels into `run_dir/data-<size>/split`."
     from fruitflow.flow import run_notebook
@@ -182,11 +182,11 @@ def _sweep(cfg: SweepConfig) -> dict:
     finally: _close(client, dict(run_id=pid, tracking_uri=uri, status=status, tags=tags, undo={}), run_dir, what)  # with the server gone: kept for `settle`
 
 def _one_api():
-    "A context in which Prefect's API is one server's: `PREFECT_API_URL`'s, or else the temporary server started here."
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    if PREFECT_API_URL.value(): return contextlib.nullcontext()
-    from fruitflow.flow import temporary_prefect_server
-    return temporary_settings(updates={PREFECT_API_URL: temporary_prefect_server()})  # Prefect's own, stopped at exit
+    "Make Prefect's API one server's for the whole sweep: `PREFECT_API_URL`'s, or else the temporary server started here (it becomes `PREFECT_API_URL`, which Dask's workers inherit)."
+    from prefect.settings import PREFECT_API_URL
+    if PREFECT_API_URL.value(): return
+    from fruitflow.flow import TemporaryPrefectServer
+    TemporaryPrefectServer().wait()  # stopped at exit, as Prefect's own
 
 def sweep(cfg: SweepConfig) -> dict:
     "Run the hyperparameter search `cfg` as a Prefect flow with its task runner; return the trials and the registration."
@@ -195,11 +195,12 @@ def sweep(cfg: SweepConfig) -> dict:
     runner = task_runner(cfg.task_runner, cfg.workers)  # an unknown runner fails before anything starts
     mark = mark_run(cfg.run.workdir)  # `fruitflow up`'s keeper warms no kernel while the trials train
     try:
-        with _one_api(): return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
+        _one_api()
+        return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
     finally:
         if mark: mark.unlink(missing_ok=True)
 
-# %% ../nbs/15_sweep.ipynb #4d5277c8
+# %% ../nbs/15_sweep.ipynb #8820b07c
 _SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "base_url", "step_timeout", "workdir")
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
@@ -225,12 +226,12 @@ def _table(results: list[dict]) -> str:
 def sweep_cmd(args: argparse.Namespace) -> int:
     "`fruitflow sweep`: a hyperparameter search."
     cfg = sweep_config(args)
+    from fruitflow.cli import env_defaults, _error_log, _sigterm
+    env_defaults(cfg.run.workdir)  # before anything imports Prefect, which reads its settings (PREFECT_HOME) once, at import
     try: task_runner(cfg.task_runner, cfg.workers)
     except ValueError as e:
         print(f"fruitflow sweep: error: --task-runner: {e}", file=sys.stderr)
         return 2
-    from fruitflow.cli import env_defaults, _error_log, _sigterm
-    env_defaults(cfg.run.workdir)
     from fruitflow.flow import StepFailed, TrackingLost, settle
     for line in settle(cfg.run.workdir): print(line)  # endings kept while a server was away
     signal.signal(signal.SIGTERM, _sigterm)

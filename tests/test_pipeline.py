@@ -61,6 +61,22 @@ def test_cold_runs_start_prefect_from_a_kept_database(tmp_path):
     assert kept and n_kept == 0  # Prefect's block types, no run
     assert first == kept == second  # ids a fresh database draws at random: the second home's came from the copy
     assert n_first == n_second == 1  # each home holds its own run
+    with contextlib.closing(sqlite3.connect(tmp_path/"second/prefect_home/prefect.db")) as c:  # the run's record reached the server before it stopped
+        assert c.execute("select state_type from flow_run").fetchall() == [("COMPLETED",)]
+        assert c.execute("select count(*) from task_run where state_type = 'COMPLETED'").fetchone()[0] == 5
+        assert c.execute("select count(*) from log").fetchone()[0] > 0  # Prefect's log worker flushed before the server stopped
+    assert (tmp_path/"second/prefect_home/temporary-server.log").read_text().startswith("--- ")  # the server's messages, off the console
+
+def test_a_temporary_server_that_cannot_start_is_one_line(tmp_path):
+    "Prefect's temporary server fails to start (its database cannot be opened): one line says why and where its messages are; no run is opened."
+    (tmp_path/"a-file").write_text("")
+    p = fruitflow("run", "--source", "synthetic", "--n-per-class", "6", *FAST, workdir=tmp_path,
+                  env={"PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/a-file/prefect.db"})  # a folder that cannot be
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    log = tmp_path/"prefect_home"/"temporary-server.log"
+    assert "Prefect's temporary server exited with code 3 before it answered: " in p.stderr and "unable to open database file" in p.stderr, p.stderr
+    assert str(log) in p.stderr and "Traceback" in log.read_text() and "Traceback" not in p.stderr + p.stdout
+    assert not runs(tmp_path)  # nothing RUNNING, nothing at all
 
 def test_lab_images_over_http(tmp_path, prefect_api, lab_site):
     p = fruitflow("run", "--source", "github", "--base-url", lab_site, *FAST, workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})

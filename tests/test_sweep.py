@@ -1,5 +1,5 @@
 "The hyperparameter sweep and the cross-validation, run for real: Prefect server, papermill kernels, MLflow store."
-import subprocess
+import contextlib, sqlite3, subprocess
 from pathlib import Path
 import numpy as np
 from conftest import fruitflow, mlflow_client, runs
@@ -33,11 +33,18 @@ def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, pr
     assert f"registered fruitflow version {mv.version} as @champion" in p.stdout, p.stdout
     assert {t.data.tags["process_id"] for t in trials} == {parent.data.tags["process_id"]}  # threads: in the sweep's own process
 
-def test_sweep_runs_its_trials_in_dask_worker_processes(tmp_path, prefect_api):
-    "`--task-runner prefect_dask.DaskTaskRunner`: a local Dask cluster of two one-thread worker processes runs the trials."
+def test_sweep_runs_its_trials_in_dask_worker_processes(tmp_path):
+    """`--task-runner prefect_dask.DaskTaskRunner`: a local Dask cluster of two one-thread worker processes runs the trials.
+    No Prefect server is given: the sweep starts Prefect's temporary server in the work folder's `prefect_home`, and the workers report to it."""
+    (home := tmp_path/"home").mkdir()
     p = sweep(*TINY, "--learning-rate", "0.003", "--augment", "0", "0.5", "--workers", "2", "--min-accuracy", "0",
-              "--task-runner", "prefect_dask.DaskTaskRunner", workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
+              "--task-runner", "prefect_dask.DaskTaskRunner", workdir=tmp_path, env={"HOME": str(home), "FRUITFLOW_CACHE": str(tmp_path/"cache")})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with contextlib.closing(sqlite3.connect(tmp_path/"prefect_home"/"prefect.db")) as db:  # one server, in the work folder: the flow and every task, trials included
+        assert db.execute("select count(*) from flow_run").fetchone()[0] == 1
+        names = sorted(n for (n,) in db.execute("select name from task_run"))
+        assert len(names) == 4 and names[0].startswith("download") and names[1:] == ["preprocess-32", "trial-01", "trial-02"], names
+    assert not (home/".prefect").exists()  # nothing in the user's own Prefect home (the sweep once read its settings before setting PREFECT_HOME)
     all_runs = runs(tmp_path)
     (parent,) = [r for r in all_runs if r.data.tags.get("sweep") == "true"]
     trials = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
