@@ -83,7 +83,7 @@ def check_params(step: str, params: dict) -> None:
         if want and (not isinstance(v, want) or isinstance(v, bool) and bool not in want):
             raise TypeError(f"step {step!r}: parameter {k!r} must be {declared[k]['inferred_type_name']}, not {type(v).__name__} ({v!r})")
 
-# %% ../nbs/10_flow.ipynb #19e7606e
+# %% ../nbs/10_flow.ipynb #a8f6c4c9
 _DIRECTIVE = re.compile(r"^#\|\s*(export|exports|eval:\s*false)\s*$", re.M)
 
 def step_notebook(step: str):
@@ -159,8 +159,11 @@ def _log_notebook(out: Path, params: dict, tracking_uri: str) -> str|None:
     except Exception as e: return f"could not log the executed notebook to MLflow ({one_line(e, 300)})"
 
 def _stop_kernel(km, now: bool = False):
-    "Shut down (`now`: kill) the kernel of `km`, if it has one."
-    with contextlib.suppress(Exception): km.shutdown_kernel(now=now)
+    "Shut down (`now`: kill) the kernel of `km`, if it has one; killed if that fails."
+    _own_event_loop()  # the loop a sweep's trial threads inherit with the flow's context may be running in another of them
+    try: km.shutdown_kernel(now=now)
+    except Exception:
+        with contextlib.suppress(Exception): km.provisioner.process.kill()  # whatever went wrong, the kernel does not outlive its step
 
 def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, timeout: int, workdir: Path, km=None) -> dict:
     "Execute the step's notebook into `run_dir` (in kernel `km` if given, see `Kernels`) and return its scraps."
