@@ -1,6 +1,6 @@
 """Faults caused for real: a killed kernel, a cell past its time limit, SIGTERM mid-training, unreachable servers,
 an MLflow server killed mid-run, `fruitflow up`'s warm-kernel keeper killed mid-run, an artifact store that is full or turns read-only (real tmpfs mounts)."""
-import contextlib, json, os, signal, subprocess, sys, time
+import contextlib, json, os, signal, sqlite3, subprocess, sys, time
 from pathlib import Path
 import psutil, pytest
 from conftest import BIN, FAST, free_port, fruitflow, mlflow_client, runs
@@ -237,3 +237,36 @@ def test_artifact_store_turning_read_only_at_register_undoes_the_registration(tm
     c = mlflow_client(tmp_path)
     assert [int(v.version) for v in c.search_model_versions("name='fruitflow'")] == [1]  # ... and undone
     assert int(c.get_model_version_by_alias("fruitflow", "champion").version) == 1
+
+def _temporary_server(wd: Path) -> psutil.Process:
+    "The process of the Prefect temporary server a run in `wd` started (its log names the port)."
+    port = (wd/"prefect_home"/"temporary-server.log").read_text().split("http://127.0.0.1:")[-1].split("/")[0]
+    (srv,) = [c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)]
+    return psutil.Process(srv)
+
+def test_ctrl_c_on_a_cold_run_ends_it_in_seconds_and_kill_9_leaves_no_server(tmp_path):
+    """No Prefect server given: the run starts Prefect's temporary server. Ctrl-C in the terminal (SIGINT to the whole
+    process group) reaches the run but not its server, so the run reports its end to Prefect and stops the server:
+    seconds, not minutes of retries against a server the same Ctrl-C had stopped. A run killed outright leaves no server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    (wd := tmp_path/"ctrl-c").mkdir()
+    proc = subprocess.Popen([str(BIN/"fruitflow"), "run", *SLOW_TRAIN], cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # a process group of its own, as a terminal's job
+    _wait_for(proc, "Epoch 2/")
+    server = _temporary_server(wd)
+    os.killpg(proc.pid, signal.SIGINT)
+    t = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and time.monotonic() - t < 30, (time.monotonic() - t, err[-3000:])
+    assert err.strip().splitlines() == ["fruitflow run: interrupted; the MLflow run is marked KILLED"], err[-3000:]
+    (run,) = runs(wd)
+    assert run.info.status == "KILLED"
+    with contextlib.closing(sqlite3.connect(wd/"prefect_home"/"prefect.db")) as db:  # the server heard the end of the flow run
+        assert db.execute("select state_type from flow_run").fetchall() == [("CRASHED",)]
+    server.wait(10)  # and was stopped on the run's way out
+    (wd := tmp_path/"kill-9").mkdir()
+    proc = subprocess.Popen([str(BIN/"fruitflow"), "run", *SLOW_TRAIN], cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, "[2/5] preprocess")
+    server = _temporary_server(wd)
+    proc.kill(); proc.communicate()
+    server.wait(10)  # it noticed its run was gone
