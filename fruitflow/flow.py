@@ -360,7 +360,7 @@ def _current(done: dict|None, key: str) -> bool:
     "Is a recorded step result still valid for `key`, its files still there?"
     return bool(done) and done["key"] == key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/"))
 
-# %% ../nbs/10_flow.ipynb #01a2c49a
+# %% ../nbs/10_flow.ipynb #f30ed1b6
 def user_cache() -> Path:
     "fruitflow's cache on this machine, shared by work folders: `$FRUITFLOW_CACHE`, else `$XDG_CACHE_HOME/fruitflow`, else `~/.cache/fruitflow`."
     if v := os.environ.get("FRUITFLOW_CACHE"): return Path(v).expanduser()
@@ -491,8 +491,6 @@ class TemporaryPrefectServer:
         try: self.process.wait(5)
         except subprocess.TimeoutExpired:
             self.process.kill(); self.process.wait()
-
-
 
 # %% ../nbs/10_flow.ipynb #f57a5304
 @contextlib.contextmanager
