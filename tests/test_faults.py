@@ -250,7 +250,8 @@ def test_ctrl_c_on_a_cold_run_ends_it_in_seconds_and_kill_9_leaves_no_server(tmp
     seconds, not minutes of retries against a server the same Ctrl-C had stopped. A run killed outright leaves no server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     (wd := tmp_path/"ctrl-c").mkdir()
-    proc = subprocess.Popen([str(BIN/"fruitflow"), "run", *SLOW_TRAIN], cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    as_in_a_terminal = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]  # SIGINT not ignored, also where these tests run as a background job
+    proc = subprocess.Popen([*as_in_a_terminal, str(BIN/"fruitflow"), "run", *SLOW_TRAIN], cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # a process group of its own, as a terminal's job
     _wait_for(proc, "Epoch 2/")
     server = _temporary_server(wd)
