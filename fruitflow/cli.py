@@ -55,7 +55,7 @@ def _preflight(cfg: Config) -> str|None:
     if api and (why := unreachable(api)):
         return f"the Prefect server at {api} is unreachable ({why}): start it (fruitflow up) or unset PREFECT_API_URL"
 
-KEEP_ON_RESUME = ("step_timeout", "kernels_ahead", "workdir", "tracking_uri", "resume", "from_step", "only")  # what a resumed run may change
+KEEP_ON_RESUME = ("step_timeout", "kernels_ahead", "kernel_per_step", "workdir", "tracking_uri", "resume", "from_step", "only")  # what a resumed run may change
 ADDED_LATER = {"synthetic": 0}  # options newer than some runs: what a run that stored none of them did
 
 def resume_config(cfg: Config) -> Config:
@@ -142,7 +142,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="from_step", default="", choices=STEPS, help="resume, rerunning from this step on")
     r.add_argument("--only", default="", choices=STEPS, help="resume, rerunning only this step")
     r.add_argument("--kernels-ahead", type=int, default=len(STEPS) - 1,
-                   help="steps whose kernels start, and import their modules, while an earlier step runs (default 4: all; 0: each kernel starts with its step)")
+                   help="later steps whose kernel starts, and imports their modules, ahead of them (default 4: all; 0: each step's kernel starts with it, and stops after it)")
+    r.add_argument("--kernel-per-step", action="store_true",
+                   help="run each step in a Jupyter kernel of its own (default: the steps share one, which imports each module once and clears the names of one step before the next)")
     r.set_defaults(func=run)
     for m in COMMAND_MODULES:
         if importlib.util.find_spec(m): importlib.import_module(m).add_parsers(sub)

@@ -13,9 +13,9 @@ from .download import GITHUB, ARCHIVES, _sha256
 from .prefect_app import PARENT
 
 # %% auto #0
-__all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'STATE',
-           'SERVER_ENV', 'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'one_line',
-           'run_notebook', 'Kernels', 'ResumeError', 'step_key', 'load_state', 'resumable', 'user_cache',
+__all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'SHARED',
+           'STATE', 'SERVER_ENV', 'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed',
+           'one_line', 'run_notebook', 'Kernels', 'ResumeError', 'step_key', 'load_state', 'resumable', 'user_cache',
            'prefect_template', 'seed_prefect_db', 'keep_prefect_template', 'prefect_server_command',
            'TemporaryPrefectServer', 'unreachable', 'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle',
            'pipeline']
@@ -29,6 +29,7 @@ TRACKING_DB = "mlflow.db"  # embedded MLflow store (in the work folder) when no 
 ARTIFACTS = "mlartifacts"  # its artifacts, the same folder `mlflow server` serves
 PREFECT_HOME = "prefect_home"  # Prefect's home (in the work folder), as the lab sets it
 KERNEL = "python3"  # the Jupyter kernel that runs the notebooks
+SHARED = ",".join(STEPS)  # the key of a kernel every step shares, where one is keyed by its steps
 
 class Config(BaseModel):
     "Everything one pipeline run needs; frozen, and unknown options are errors."
@@ -49,7 +50,8 @@ class Config(BaseModel):
     workdir: Path = Path(".")  # where data/, runs/, mlflow.db and mlartifacts/ live
     tracking_uri: str = ""  # MLflow; "" means $MLFLOW_TRACKING_URI or the embedded store
     step_timeout: int = Field(3600, ge=1)  # seconds one notebook cell may run
-    kernels_ahead: int = Field(len(STEPS) - 1, ge=0, le=len(STEPS) - 1)  # steps whose kernels start while an earlier step runs (0: none)
+    kernels_ahead: int = Field(len(STEPS) - 1, ge=0, le=len(STEPS) - 1)  # later steps whose kernel starts, and imports their modules, ahead (0: none)
+    kernel_per_step: bool = False  # each step in a kernel of its own; by default the steps share one, their names cleared between them
     resume: str = ""  # a run folder to continue ("" starts a new run)
     from_step: Literal["", "download", "preprocess", "train", "evaluate", "register"] = ""  # when resuming, rerun from this step on
     only: Literal["", "download", "preprocess", "train", "evaluate", "register"] = ""  # when resuming, rerun this step alone
@@ -214,19 +216,36 @@ def _modules(nb) -> list[str]:
             elif isinstance(n, ast.ImportFrom) and n.module and not n.level and n.module != "__future__": mods.append(n.module)
     return list(dict.fromkeys(mods))
 
+def _modules_of(*steps: str) -> list[str]:
+    "The modules the notebooks of `steps` import at top level, each once, in order."
+    return list(dict.fromkeys(m for s in steps for m in _modules(step_notebook(s))))
+
 def _warm_code(mods: list[str]) -> str:
     "Code that imports `mods` in a kernel and leaves its namespace as it was."
     return (f"def _fruitflow_warm():\n    import importlib\n    for m in {mods!r}:\n        try: importlib.import_module(m)\n"
             f"        except Exception: pass\n_fruitflow_warm(); del _fruitflow_warm")
 
+_FRESH = "get_ipython().reset(new_session=True)"  # a new history session numbers cells from 1 again
+
+def _fresh(km, timeout: float = 60):
+    "Clear the names an earlier step left in `km`'s kernel and number its cells from 1 again; the modules it imported stay."
+    _own_event_loop()  # a sweep's trial thread may hold, in its context, the loop another trial's thread runs
+    kc = km.blocking_client()
+    kc.start_channels()
+    try:
+        reply = kc.execute_interactive(_FRESH, silent=True, store_history=False, timeout=timeout)
+        if reply["content"]["status"] != "ok": raise RuntimeError(f"clearing its names raised {reply['content'].get('ename')}")
+    finally: kc.stop_channels()
+
 class Kernels:
-    "Step kernels started (and their modules imported) ahead of their steps, and shut down after them, off the pipeline's path."
-    def __init__(self, workdir: Path, log: Path|None = None):
+    "Step kernels started (and their modules imported) ahead of their steps, and shut down after them, off the pipeline's path; `shared`: one kernel for all the steps."
+    def __init__(self, workdir: Path, log: Path|None = None, shared: bool = False):
         import threading
         from concurrent.futures import ThreadPoolExecutor
         import jupyter_client.manager, jupyter_client.asynchronous  # here, not in the start threads: they may start while this one imports Prefect
         self.workdir, self.started, self.managers, self.closing, self.lock, self.kept = Path(workdir), {}, {}, False, threading.Lock(), set()
         self.given_up = set()  # steps whose kernel was not ready in time: its start stops it
+        self.shared, self.one, self.used, self.retired = shared, None, set(), set()  # `one`: the start of the shared kernel; ids of kernels taken, and stopped
         self.log = Path(log) if log else self.workdir/f".kernels-{os.getpid()}.log"  # until `keep_log_in` moves it
         self.starting = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="fruitflow-kernel-start")
         self.stopping = ThreadPoolExecutor(len(STEPS), thread_name_prefix="fruitflow-kernel-stop")
@@ -234,14 +253,25 @@ class Kernels:
         self.mark = mark_run(self.workdir)  # the keeper of `fruitflow up`, if any, warms no kernel while this run goes on
 
     def start(self, *steps: str):
-        "Take a warm kernel kept by `fruitflow up`, else start one, for each of `steps` that has none yet, in that order."
-        from concurrent.futures import Future
+        "Take a warm kernel kept by `fruitflow up`, else start one, for each of `steps` that has none yet, in that order (`shared`: one for them all, or the one started before)."
+        todo = []
         for s in steps:
             if s in self.started or self.closing: continue
-            if km := self._claim(s):
-                self.managers[s] = km; self.kept.add(s)
-                (f := Future()).set_result(km); self.started[s] = f
+            if self.shared: todo.append(s)
+            elif km := self._claim(s): self.started[s] = self._taken_warm(s, km)
             else: self.started[s] = self.starting.submit(self._start, s)
+        if todo and self.one is None:  # the keeper's shared kernel has every step's modules; one started here, those of `todo`
+            self.one = self._taken_warm(SHARED, km) if (km := self._claim(SHARED)) else self.starting.submit(self._start, *todo)
+        for s in todo:
+            self.started[s] = self.one  # a step added later imports its own modules, if any is new
+            if SHARED in self.kept: self.kept.add(s)
+
+    def _taken_warm(self, key: str, km):
+        "The kernel kept warm for `key` (a step, or `SHARED`), as a finished start."
+        from concurrent.futures import Future
+        self.managers[key] = km; self.kept.add(key)
+        (f := Future()).set_result(km)
+        return f
 
     def _claim(self, step: str):
         "The warm kernel kept for `step` over the work folder, if there is one fit to use."
@@ -252,20 +282,21 @@ class Kernels:
             with self.lock, contextlib.suppress(OSError), open(self.log, "a") as l:
                 print(f"fruitflow: could not take the warm kernel kept for step '{step}' ({one_line(e, 300)}); one is started", file=l)
 
-    def _start(self, step: str):
+    def _start(self, *steps: str):
         import queue
-        km = self.managers[step] = _kernel_manager()(kernel_name=KERNEL)  # as `run_notebook`'s own, but with its output in a log that can move
+        key = ",".join(steps)
+        km = self.managers[key] = _kernel_manager()(kernel_name=KERNEL)  # as `run_notebook`'s own, but with its output in a log that can move
         try:
             if self.closing: raise RuntimeError("the pipeline ended first")
             self.workdir.mkdir(parents=True, exist_ok=True)
             with self.lock: out = open(self.log, "ab")
             with out: km.start_kernel(cwd=str(self.workdir), stdout=out, stderr=out,  # the kernel keeps its own copy
-                                      env=os.environ | {"FRUITFLOW_STEP": step})  # which step it is for, for whoever looks
+                                      env=os.environ | {"FRUITFLOW_STEP": key})  # which steps it is for, for whoever looks
             kc = km.blocking_client()
             kc.start_channels()
             try:  # no wait_for_ready: its own wait may outlast a kernel killed at close; the request waits in ZMQ for the kernel
-                msg_id = kc.execute(_warm_code(_modules(step_notebook(step))), silent=True)
-                while not (self.closing or step in self.given_up):
+                msg_id = kc.execute(_warm_code(_modules_of(*steps)), silent=True)
+                while not (self.closing or self.given_up.intersection(steps)):
                     with contextlib.suppress(queue.Empty):
                         if kc.get_shell_msg(timeout=0.5)["parent_header"].get("msg_id") == msg_id: return km
                     if not km.is_alive(): raise RuntimeError("the kernel died while importing")
@@ -289,8 +320,12 @@ class Kernels:
         try:
             if not f: return None
             km = f.result(timeout)
+            if not km.is_alive(): raise RuntimeError("its kernel is no longer running")
+            if id(km) in self.used: _fresh(km, min(timeout, 60))  # the shared kernel, after an earlier step: its names go, its modules stay
+            self.used.add(id(km))
             with self.lock, contextlib.suppress(OSError), open(self.log, "a") as l:
-                how = "warm kernel kept by `fruitflow up` (its output: .fruitflow/kernels.log)" if step in self.kept else "kernel started ahead for it"
+                how = ("warm kernel kept by `fruitflow up` (its output: .fruitflow/kernels.log)" if step in self.kept else
+                       "kernel started ahead for the steps, shared by them" if f is self.one else "kernel started ahead for it")
                 print(f"fruitflow: step '{step}' runs in the {how}, pid {getattr(km.provisioner, 'pid', '?')}", file=l)
             return km
         except Exception as e:
@@ -302,18 +337,30 @@ class Kernels:
 
     _stop = staticmethod(_stop_kernel)
 
+    def _retire(self, km, now: bool):
+        "Stop `km` in the background, unless that was asked before: no kernel is stopped from two threads at once."
+        with self.lock:
+            if id(km) in self.retired: return
+            self.retired.add(id(km))
+        self.stopping.submit(self._stop, km, now)
+
+    @staticmethod
+    def _result(f):
+        "The kernel manager a finished start handed back; None if it is not finished, or failed."
+        return f.result() if f and f.done() and not f.cancelled() and f.exception() is None else None
+
     def _stop_started(self, f):
-        "Kill the kernel a finished start handed back (one that failed stopped its own)."
-        if not f.cancelled() and f.exception() is None: self.stopping.submit(self._stop, f.result(), True)
+        "Stop the kernel a finished start handed back (one that failed stopped its own): killed if no step took it."
+        if km := self._result(f): self._retire(km, now=id(km) not in self.used)
 
     def done(self, km, now: bool = False):
-        "Shut down a step's kernel in the background (`now`: kill it)."
-        if km: self.stopping.submit(self._stop, km, now)
+        "Shut down a step's kernel in the background (`now`: kill it); the shared kernel stays for the next step, unless killed."
+        if km and (now or km is not self._result(self.one)): self._retire(km, now)
 
     def close(self):
-        "Stop at once the kernels no step took, and wait until every kernel is gone."
+        "Stop at once the kernels no step took, shut down the shared one, and wait until every kernel is gone."
         self.closing = True  # a kernel still starting or importing stops itself...
-        for f in self.started.values():
+        for f in {*self.started.values(), *([self.one] if self.one else [])}:
             if not f.cancel(): f.add_done_callback(self._stop_started)  # ...and one started, or kept warm, is stopped here
         self.started = {}
         self.starting.shutdown(wait=True); self.stopping.shutdown(wait=True)
@@ -693,7 +740,7 @@ def _pipeline(cfg: Config, kernels: Kernels, client) -> dict:
 
 def pipeline(cfg: Config) -> dict:
     "Run download → preprocess → train → evaluate → register as a Prefect flow; return what the steps glued."
-    kernels = Kernels(Path(cfg.workdir).resolve())
+    kernels = Kernels(Path(cfg.workdir).resolve(), shared=not cfg.kernel_per_step)
     if cfg.kernels_ahead and not cfg.resume: kernels.start(*STEPS[:1 + cfg.kernels_ahead])  # first: they warm while Prefect is imported and started and the MLflow run opens
     try:
         from prefect.settings import PREFECT_API_URL

@@ -17,7 +17,7 @@ STATE = ".fruitflow"  # pid files and logs, in the work folder
 SERVERS = ("prefect", "mlflow")  # in start order
 HEALTH = {"prefect": "/api/health", "mlflow": "/health"}  # each server's health endpoint
 API = {"prefect": "/api", "mlflow": ""}  # what a client appends to the server's URL
-KEEPER = "kernels"  # not a server: the process that keeps a warm kernel per step for `fruitflow run` (see `fruitflow.pool`)
+KEEPER = "kernels"  # not a server: the process that keeps a warm kernel for the steps of `fruitflow run` (see `fruitflow.pool`)
 
 def _command(name: str, port: int, workdir: Path) -> tuple[list[str], dict]:
     "The command line and extra environment that start server `name` on `port` over `workdir`'s stores."
@@ -143,8 +143,8 @@ def up(args) -> int:
     r = running(wd)
     print(f"Prefect: {r['prefect']['url']}\nMLflow:  {r['mlflow']['url']}\n`fruitflow run --workdir {args.workdir}` now uses them; `fruitflow down` stops them.")
     if args.warm_kernels:  # after the servers: warming kernels would slow their start
-        if k := running(wd, (KEEPER,)).get(KEEPER): print(f"warm kernels: kept already (pid {k['pid']})")
-        else: print(f"warm kernels: one per step, warming in the background (pid {_start(KEEPER, None, wd)['pid']}; `fruitflow status` shows them)")
+        if k := running(wd, (KEEPER,)).get(KEEPER): print(f"warm kernel: kept already (pid {k['pid']})")
+        else: print(f"warm kernel: one for the steps of a run, warming in the background (pid {_start(KEEPER, None, wd)['pid']}; `fruitflow status` shows them)")
     from fruitflow.flow import settle
     for line in settle(wd): print(line)  # runs that ended while the server was away get their status now
     return 0
@@ -156,9 +156,9 @@ def status(args) -> int:
         if i := r.get(n): print(f"{n:8} {i['url']:24} pid {i['pid']:<8} {'healthy' if _healthy(i) else 'NOT ANSWERING'}  log {i['log']}")
         else: print(f"{n:8} not running")
     if k := running(Path(args.workdir), (KEEPER,)).get(KEEPER):
-        from fruitflow.pool import STEPS, offers
+        from fruitflow.pool import offers
         warm = [o["step"] for o in offers(args.workdir)]
-        print(f"{KEEPER:8} {'':24} pid {k['pid']:<8} warm: {', '.join(warm) or 'none yet'} ({len(warm)} of {len(STEPS)})  log {k['log']}")
+        print(f"{KEEPER:8} {'':24} pid {k['pid']:<8} warm: {'; '.join(warm) or 'none yet'}  log {k['log']}")
     return 0 if len(r) == len(SERVERS) else 1
 
 def down(args) -> int:
@@ -179,7 +179,7 @@ def add_parsers(sub) -> None:
     u.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server's port (default 5000)")
     u.add_argument("--timeout", type=float, default=300, help="seconds to wait for both to answer (default 300)")
     u.add_argument("--warm-kernels", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep a kernel per step started, its modules imported, for `fruitflow run` (default: yes; about 1.4 GB of memory)")
+                   help="keep a kernel started, every step's modules imported, for the steps of `fruitflow run` (default: yes; about 0.7 GB of memory)")
     u.set_defaults(func=up)
     sub.add_parser("status", help="each dashboard's URL, pid, health and log").set_defaults(func=status)
     sub.add_parser("down", help="stop the dashboards that `fruitflow up` started").set_defaults(func=down)

@@ -73,20 +73,25 @@ def _where() -> dict:
 def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent_id: str, experiment_id: str, uri: str) -> dict:
     "Train and evaluate one point of the space in a nested MLflow run; its metrics, or its error."
     from mlflow import MlflowClient
-    from fruitflow.flow import run_notebook, StepFailed, _close, cache_dir
+    from fruitflow.flow import Kernels, run_notebook, StepFailed, _close, cache_dir
     client, name = MlflowClient(uri), f"trial-{i:02d}"
     rid = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "trial": str(i), **_where()}).info.run_id
     tdir, workdir = Path(run_dir)/name, Path(run.workdir).resolve()
     tdir.mkdir(parents=True)
     track, status, tags, what = dict(mlflow_run_id=rid, tracking_uri=uri), "FAILED", {}, f"{name} failed"
     print(f"[{name}] start: " + ", ".join(f"{k}={v}" for k, v in point.items()), flush=True)
+    kernels = Kernels(workdir, tdir/"kernels.log", shared=not run.kernel_per_step)  # train and evaluate share a kernel, as a run's steps do
+    if run.kernels_ahead: kernels.start("train", "evaluate")
+    def step(s: str, params: dict) -> dict:
+        km, ok = kernels.take(s, run.step_timeout), False
+        try: got, ok = run_notebook(s, params | track, tdir, uri, run.step_timeout, workdir, km), True
+        finally: kernels.done(km, now=not ok)
+        return got
     try:
         client.log_param(rid, "image_size", point["image_size"])
-        got = run_notebook("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"), model_kind=run.model_kind, batch_size=run.batch_size,
-                                         seed=run.seed, cache_dir=str(cache_dir(workdir)), **{k: point[k] for k in PARAMS if k != "image_size"}) | track,
-                           tdir, uri, run.step_timeout, workdir)
-        got |= run_notebook("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"), batch_size=run.batch_size) | track,
-                            tdir, uri, run.step_timeout, workdir)
+        got = step("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"), model_kind=run.model_kind, batch_size=run.batch_size,
+                                 seed=run.seed, cache_dir=str(cache_dir(workdir)), **{k: point[k] for k in PARAMS if k != "image_size"}))
+        got |= step("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"), batch_size=run.batch_size))
         status, what = "FINISHED", f"{name} finished"
         print(f"[{name}] done: val accuracy {got.get('val_accuracy', float('nan')):.3f}, test accuracy {got['test_accuracy']:.3f}", flush=True)
         keep = ("val_accuracy", "val_loss", "accuracy", "loss", "test_accuracy", "model_uri", "epochs_run")
@@ -101,7 +106,9 @@ def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, paren
     except BaseException:  # Ctrl-C, SIGTERM
         status, what = "KILLED", f"{name} was interrupted"
         raise
-    finally: _close(client, dict(run_id=rid, tracking_uri=uri, status=status, tags=tags, undo={}), tdir, what)  # with the server gone: kept for `settle`
+    finally:
+        kernels.close()
+        _close(client, dict(run_id=rid, tracking_uri=uri, status=status, tags=tags, undo={}), tdir, what)  # with the server gone: kept for `settle`
 
 # %% ../nbs/15_sweep.ipynb #344d0af0
 def _score(r: dict) -> tuple:

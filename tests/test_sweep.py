@@ -1,5 +1,5 @@
 "The hyperparameter sweep and the cross-validation, run for real: Prefect server, papermill kernels, MLflow store."
-import contextlib, sqlite3, subprocess
+import contextlib, re, sqlite3, subprocess
 from pathlib import Path
 import numpy as np
 from conftest import fruitflow, mlflow_client, runs
@@ -32,6 +32,11 @@ def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, pr
     assert parent.data.metrics["best_test_accuracy"] == win.data.metrics["test_accuracy"]
     assert f"registered fruitflow version {mv.version} as @champion" in p.stdout, p.stdout
     assert {t.data.tags["process_id"] for t in trials} == {parent.data.tags["process_id"]}  # threads: in the sweep's own process
+    logs = sorted(tmp_path.glob("runs/*/trial-*/kernels.log"))
+    assert len(logs) == 2
+    for log in logs:  # a trial's train and evaluate ran in one kernel
+        text = log.read_text()
+        assert len({re.search(rf"step '{s}' runs in the kernel started ahead for the steps, shared by them, pid (\d+)", text)[1] for s in ("train", "evaluate")}) == 1, text
 
 def test_sweep_runs_its_trials_in_dask_worker_processes(tmp_path):
     """`--task-runner prefect_dask.DaskTaskRunner`: a local Dask cluster of two one-thread worker processes runs the trials.
