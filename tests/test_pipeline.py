@@ -44,6 +44,18 @@ def test_synthetic_run(synthetic_run):
     assert all(f"[{i}/5] {s[3:]} done in" in out for i, s in enumerate(STEPS, 1)), out
     assert f"MLflow run {run.info.run_id}: test accuracy" in out
 
+def test_a_kernel_per_step_computes_the_same(synthetic_run, tmp_path, prefect_api):
+    "Sharing one kernel changes nothing the steps compute: the same run with a kernel per step trains the same model to the same figures."
+    wd, _, shared = synthetic_run
+    p = fruitflow("run", "--source", "synthetic", "--n-per-class", "8", *FAST, "--kernel-per-step", workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (own,) = runs(tmp_path)
+    log = (Path(own.data.tags["run_dir"])/"kernels.log").read_text()
+    pids = {re.search(rf"step '{s[3:]}' runs in the kernel started ahead for it, pid (\d+)", log)[1] for s in STEPS}
+    assert len(pids) == len(STEPS), log[-3000:]  # five kernels this time
+    for k in ("loss", "val_loss", "test_loss", "test_accuracy", "f1_apple"):
+        assert own.data.metrics[k] == shared.data.metrics[k], (k, own.data.metrics[k], shared.data.metrics[k])
+
 def test_cold_runs_start_prefect_from_a_kept_database(tmp_path):
     """Two runs on the embedded defaults, no server: each starts Prefect's temporary server on a fresh home. The first
     one's database, once migrated, is kept in fruitflow's cache before the flow writes to it; the second home starts from a copy."""
