@@ -225,17 +225,20 @@ def _warm_code(mods: list[str]) -> str:
     return (f"def _fruitflow_warm():\n    import importlib\n    for m in {mods!r}:\n        try: importlib.import_module(m)\n"
             f"        except Exception: pass\n_fruitflow_warm(); del _fruitflow_warm")
 
+def _execute_quietly(km, code: str, timeout: float):
+    "Run `code` in `km`'s kernel, out of its history and numbering, and wait for it; an error it raises is a RuntimeError here."
+    _own_event_loop()  # a sweep's trial thread may hold, in its context, the loop another trial's thread runs
+    kc = km.blocking_client()
+    kc.start_channels()
+    try: reply = kc.execute(code, silent=True, reply=True, timeout=timeout)
+    finally: kc.stop_channels()
+    if reply["content"]["status"] != "ok": raise RuntimeError(f"{reply['content'].get('ename')}: {reply['content'].get('evalue')}")
+
 _FRESH = "get_ipython().reset(new_session=True)"  # a new history session numbers cells from 1 again
 
 def _fresh(km, timeout: float = 60):
     "Clear the names an earlier step left in `km`'s kernel and number its cells from 1 again; the modules it imported stay."
-    _own_event_loop()  # a sweep's trial thread may hold, in its context, the loop another trial's thread runs
-    kc = km.blocking_client()
-    kc.start_channels()
-    try:
-        reply = kc.execute_interactive(_FRESH, silent=True, store_history=False, timeout=timeout)
-        if reply["content"]["status"] != "ok": raise RuntimeError(f"clearing its names raised {reply['content'].get('ename')}")
-    finally: kc.stop_channels()
+    _execute_quietly(km, _FRESH, timeout)
 
 class Kernels:
     "Step kernels started (and their modules imported) ahead of their steps, and shut down after them, off the pipeline's path; `shared`: one kernel for all the steps."

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib, hashlib, json, os, signal, subprocess, sys, time, uuid
 from pathlib import Path
 import fruitflow
-from .flow import KERNEL, SHARED, STEPS, _kernel_manager, _modules_of, _stop_kernel, _warm_code
+from .flow import KERNEL, SHARED, STEPS, _execute_quietly, _kernel_manager, _modules_of, _stop_kernel, _warm_code
 from .servers import _start_time
 
 # %% auto #0
@@ -67,11 +67,7 @@ def _adopt(km, cwd: Path, env: dict, timeout: float = 30):
     code = (f"def _fruitflow_adopt():\n    import os\n    os.chdir({str(cwd)!r})\n"
             f"    keep = {{k: v for k, v in os.environ.items() if k.startswith('JPY_')}}\n"  # what jupyter_client gave the kernel
             f"    os.environ.clear(); os.environ.update(keep | {dict(env)!r})\n_fruitflow_adopt(); del _fruitflow_adopt")
-    kc = km.blocking_client()
-    kc.start_channels()
-    try: reply = kc.execute(code, silent=True, reply=True, timeout=timeout)  # silent: not in the kernel's history
-    finally: kc.stop_channels()
-    if reply["content"]["status"] != "ok": raise RuntimeError(f"{reply['content'].get('ename')}: {reply['content'].get('evalue')}")
+    _execute_quietly(km, code, timeout)
 
 def mark_run(workdir: Path) -> Path|None:
     "Tell the keeper over `workdir` (if one ever ran there) that a run is going on, until the returned file is removed."
