@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_flow.ipynb #2362e6f9
 from __future__ import annotations
-import contextlib, contextvars, datetime, hashlib, json, os, re, shutil, sqlite3, sys, time
+import contextlib, contextvars, datetime, gc, hashlib, json, os, re, shutil, sqlite3, sys, time
 from pathlib import Path
 from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -221,9 +221,9 @@ def _modules_of(*steps: str) -> list[str]:
     return list(dict.fromkeys(m for s in steps for m in _modules(step_notebook(s))))
 
 def _warm_code(mods: list[str]) -> str:
-    "Code that imports `mods` in a kernel and leaves its namespace as it was."
-    return (f"def _fruitflow_warm():\n    import importlib\n    for m in {mods!r}:\n        try: importlib.import_module(m)\n"
-            f"        except Exception: pass\n_fruitflow_warm(); del _fruitflow_warm")
+    "Code that imports `mods` in a kernel, then freezes what they made out of the garbage collector's sweeps, and leaves its namespace as it was."
+    return (f"def _fruitflow_warm():\n    import gc, importlib\n    for m in {mods!r}:\n        try: importlib.import_module(m)\n"
+            f"        except Exception: pass\n    gc.collect(); gc.freeze()\n_fruitflow_warm(); del _fruitflow_warm")
 
 def _execute_quietly(km, code: str, timeout: float):
     "Run `code` in `km`'s kernel, out of its history and numbering, and wait for it; an error it raises is a RuntimeError here."
@@ -357,8 +357,8 @@ class Kernels:
         if km := self._result(f): self._retire(km, now=id(km) not in self.used)
 
     def done(self, km, now: bool = False):
-        "Shut down a step's kernel in the background (`now`: kill it); the shared kernel stays for the next step, unless killed."
-        if km and (now or km is not self._result(self.one)): self._retire(km, now)
+        "Shut down a step's kernel in the background (`now`: kill it); the shared kernel stays while a later step waits for it, unless killed."
+        if km and (now or km is not self._result(self.one) or self.one not in self.started.values()): self._retire(km, now)
 
     def close(self):
         "Stop at once the kernels no step took, shut down the shared one, and wait until every kernel is gone."
@@ -750,6 +750,7 @@ def pipeline(cfg: Config) -> dict:
         server = None if PREFECT_API_URL.value() else TemporaryPrefectServer()  # Prefect would start it in the flow: here it starts now, from the kept database
         from prefect import flow
         client = mlflow_client(cfg.resolved_tracking_uri())  # while the server starts
+        gc.freeze()  # what Prefect's and MLflow's imports made stays: collections from now on skip it (see `Kernels`)
         if server: server.wait()
         def pipeline_flow(cfg: Config) -> dict: return _pipeline(cfg, kernels, client)
         return flow(pipeline_flow, name="fruitflow", validate_parameters=False)(cfg)
