@@ -14,11 +14,11 @@ from .prefect_app import PARENT
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'SHARED',
-           'STATE', 'SERVER_ENV', 'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed',
-           'one_line', 'run_notebook', 'Kernels', 'ResumeError', 'step_key', 'load_state', 'resumable', 'user_cache',
-           'prefect_template', 'seed_prefect_db', 'keep_prefect_template', 'prefect_server_command',
-           'TemporaryPrefectServer', 'unreachable', 'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle',
-           'pipeline']
+           'STATE', 'SERVER_ENV', 'REGISTER_BLOCKS', 'MLFLOW_CLEAR', 'PENDING', 'Config', 'nbs_dir', 'check_params',
+           'step_notebook', 'StepFailed', 'one_line', 'run_notebook', 'Kernels', 'ResumeError', 'step_key',
+           'load_state', 'resumable', 'user_cache', 'prefect_collections', 'prefect_template', 'mlflow_template',
+           'seed_db', 'keep_template', 'prefect_server_command', 'TemporaryPrefectServer', 'unreachable',
+           'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle', 'pipeline']
 
 # %% ../nbs/10_flow.ipynb #c53b1018
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -96,12 +96,31 @@ def step_notebook(step: str):
     nb.cells = [c for c in nb.cells if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []) or _DIRECTIVE.search(c.source)]
     return nb
 
+def _ready_client():
+    "The client class papermill gets for a step's kernel: jupyter_client's `AsyncKernelClient`, ready as soon as the kernel's IOPub messages come through."
+    from queue import Empty
+    from jupyter_client.asynchronous import AsyncKernelClient
+    class ReadyClient(AsyncKernelClient):
+        async def wait_for_ready(self, timeout: float|None = None):
+            "Ask for kernel_info until its reply comes and IOPub carries the kernel's status: jupyter_client waits 0.2 s for that status, and a channel just started misses the first one, so each step waited 0.2 s."
+            deadline = time.monotonic() + (float("inf") if timeout is None else timeout)
+            while True:
+                self.kernel_info()
+                with contextlib.suppress(Empty):
+                    if (msg := await self.shell_channel.get_msg(timeout=1))["msg_type"] == "kernel_info_reply":
+                        with contextlib.suppress(Empty):
+                            await self.iopub_channel.get_msg(timeout=0.02)  # published before the reply: already here when IOPub is connected
+                            return self._handle_kernel_info_reply(msg)
+                if not await self._async_is_alive(): raise RuntimeError("Kernel died before replying to kernel_info")
+                if time.monotonic() > deadline: raise RuntimeError(f"Kernel didn't respond in {timeout} seconds")
+    return ReadyClient
+
 def _kernel_manager(log: Path|None = None):
     "The kernel manager class of a step: its kernels write their own stdout and stderr (start-up chatter, C-level logs) to `log`, if given."
     from jupyter_client.manager import KernelManager
+    ready = _ready_client()
     class StepKernelManager(KernelManager):  # blocking, so any thread may stop it; papermill gets an async client
-        client_class = "jupyter_client.asynchronous.AsyncKernelClient"
-        def __init__(self, **kw): super().__init__(**kw); self.clients = []
+        def __init__(self, **kw): super().__init__(**kw); self.clients = []; self.client_factory = ready
         def client(self, **kw):  # kept for `_close_clients`
             self.clients.append(c := super().client(**kw))
             return c
@@ -416,14 +435,29 @@ def user_cache() -> Path:
     if v := os.environ.get("FRUITFLOW_CACHE"): return Path(v).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home()/".cache")/"fruitflow"
 
-def prefect_template(version: str|None = None) -> Path:
-    "Where the migrated, empty database of Prefect `version` (the installed one by default) is kept for fresh homes."
+def prefect_collections() -> str:
+    "The Prefect collections installed (entry points `prefect.collections`, whose block types Prefect's server registers), as 'name-version+…'."
+    from importlib.metadata import entry_points
+    return "+".join(sorted(f"{ep.name}-{ep.dist.version if ep.dist else '?'}" for ep in entry_points(group="prefect.collections")))
+
+def prefect_template(version: str|None = None,  # Prefect's version (None: the installed one)
+                     collections: str|None = None,  # `prefect_collections()` (None: the installed ones)
+                    ) -> Path:
+    "Where the migrated, empty database of Prefect `version` with `collections`, their block types registered, is kept for fresh homes."
     if version is None:
         import prefect
         version = prefect.__version__
-    return user_cache()/f"prefect-{version}.db"
+    if collections is None: collections = prefect_collections()
+    return user_cache()/f"prefect-{version}-{hashlib.sha256(collections.encode()).hexdigest()[:8]}.db"
 
-def seed_prefect_db(db: Path, template: Path) -> bool:
+def mlflow_template(version: str|None = None) -> Path:
+    "Where the migrated, empty SQLite store of MLflow `version` (the installed one by default) is kept for new embedded stores."
+    if version is None:
+        import mlflow  # imported already where a store is opened
+        version = mlflow.__version__
+    return user_cache()/f"mlflow-{version}.db"
+
+def seed_db(db: Path, template: Path) -> bool:
     "Start `db` as a copy of `template` when `db` does not exist and `template` does: True if it was copied."
     db, template = Path(db), Path(template)
     if db.exists() or not template.is_file(): return False
@@ -436,7 +470,10 @@ def seed_prefect_db(db: Path, template: Path) -> bool:
     except OSError: return False
     finally: part.unlink(missing_ok=True)
 
-def keep_prefect_template(db: Path, template: Path) -> bool:
+def keep_template(db: Path, template: Path,
+                  empty: tuple[str, ...] = (),  # tables that must hold no row (a run made by a process sharing the store, say)
+                  clear: str = "",  # SQL run on the copy first, to drop what belongs to `db` alone
+                 ) -> bool:
     "Keep a consistent copy of the just-migrated database `db` as `template`, unless one is kept: True if this call kept it."
     template = Path(template)
     if template.exists() or not Path(db).is_file(): return False
@@ -444,10 +481,11 @@ def keep_prefect_template(db: Path, template: Path) -> bool:
     try:
         template.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.closing(sqlite3.connect(db)) as src, contextlib.closing(sqlite3.connect(part)) as dst:
-            src.backup(dst)  # a consistent snapshot, even while the server writes
+            src.backup(dst)  # a consistent snapshot, even while a server writes
+            if clear: dst.execute(clear); dst.commit()
             dst.execute("pragma journal_mode = delete")  # one self-contained file; Prefect turns WAL on again when it opens it
             ok = (dst.execute("pragma integrity_check").fetchone()[0] == "ok" and dst.execute("select count(*) from alembic_version").fetchone()[0] == 1
-                  and dst.execute("select count(*) from flow_run").fetchone()[0] == 0)  # migrated, and no run in it (one sharing the home, say)
+                  and not any(dst.execute(f"select count(*) from {t}").fetchone()[0] for t in empty))  # migrated once, nothing of its own
         if ok: os.replace(part, template)
         return ok
     except (OSError, sqlite3.Error): return False
@@ -461,6 +499,7 @@ def _default_prefect_db() -> Path|None:
     return db if s.server.database.connection_url.get_secret_value() == f"sqlite+aiosqlite:///{db}" else None
 
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # what Prefect sets for its temporary server
+REGISTER_BLOCKS = ("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "PREFECT_API_BLOCKS_REGISTER_ON_START")  # the setting's names in Prefect 3.9
 
 def prefect_server_command(port: int) -> list[str]:
     "The command Prefect 3.9's `SubprocessASGIServer` runs for its temporary server on `port` (127.0.0.1 only), serving Prefect's app through `prefect_app.create_app`."
@@ -478,9 +517,13 @@ class TemporaryPrefectServer:
         s, self.db = get_current_settings(), _default_prefect_db()
         try: self.template = prefect_template()
         except RuntimeError: self.db = None  # no home folder for a cache: Prefect migrates a fresh database, as it would
-        self.fresh = self.db is not None and not self.db.exists() and not seed_prefect_db(self.db, self.template)
+        new = self.db is not None and not self.db.exists()
+        seeded = new and seed_db(self.db, self.template)
+        self.fresh = new and not seeded
         self.timeout = s.server.ephemeral.startup_timeout_seconds
         self.env = os.environ | SERVER_ENV | s.to_environment_variables(exclude_unset=True)  # as Prefect passes them
+        if seeded and not any(k in self.env for k in REGISTER_BLOCKS):  # the copy holds the block types of this Prefect and its collections
+            self.env[REGISTER_BLOCKS[0]] = "false"  # registering them again took 0.55 s a start
         self.env["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"  # its console is a log file, not this process's
         self.env[PARENT] = str(os.getpid())  # it stops once this process is gone
         self.log = Path(s.home)/"temporary-server.log"  # its messages, not on the console
@@ -518,7 +561,7 @@ class TemporaryPrefectServer:
                 raise RuntimeError(f"Prefect's temporary server did not answer in {self.timeout} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; "
                                    f"its messages: {self.log}); or set PREFECT_API_URL to a running server")
             time.sleep(0.1)
-        if self.fresh and keep_prefect_template(self.db, self.template):  # as its server made it: no run in it yet
+        if self.fresh and keep_template(self.db, self.template, empty=("flow_run",)):  # as its server made it: no run in it yet
             print(f"kept Prefect's migrated, empty database in {self.template}: servers on fresh homes start from a copy (delete it at will)", flush=True)
         self.fresh = False
         os.environ["PREFECT_API_URL"] = self.url
@@ -571,10 +614,21 @@ def unreachable(uri: str, timeout: float = 5) -> str|None:
     except urllib.error.HTTPError: return None  # it answers
     except Exception as e: return str(getattr(e, "reason", e))
 
+MLFLOW_CLEAR = "delete from experiments where experiment_id = 0"  # MLflow makes its default experiment again, in the new store's folder
+
 def mlflow_client(tracking_uri: str):
-    "An MlflowClient; opening an embedded store the first time (which creates its tables) happens under `_store_lock`."
+    "An MlflowClient; a new embedded store starts from the kept empty one (`mlflow_template`), and the first one made is kept; both under `_store_lock`."
     from mlflow import MlflowClient
-    with _store_lock(tracking_uri): return MlflowClient(tracking_uri)
+    path = tracking_uri.removeprefix("sqlite:///").split("?")[0] if tracking_uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"): return MlflowClient(tracking_uri)
+    db = Path(path)
+    with _store_lock(tracking_uri):
+        try: template = mlflow_template()
+        except RuntimeError: return MlflowClient(tracking_uri)  # no home folder for a cache: MLflow migrates the store, as it would
+        fresh = not db.exists() and not seed_db(db, template)
+        client = MlflowClient(tracking_uri)
+        if fresh: keep_template(db, template, empty=("experiments", "runs", "registered_models"), clear=MLFLOW_CLEAR)
+        return client
 
 def data_dir(workdir: Path) -> Path:
     "Where the download step keeps the images it fetches, unpacks or draws: `data/` of the work folder."

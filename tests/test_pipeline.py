@@ -68,14 +68,16 @@ def test_cold_runs_start_prefect_from_a_kept_database(tmp_path):
         check_complete_run(wd, run, epochs=1)
         assert run.data.tags["prefect.flow_run_id"]
         assert ("kept Prefect's migrated, empty database in" in p.stdout) == (name == "first"), p.stdout  # said once, when kept
-    (template,) = cache.iterdir()
-    assert template.name.startswith("prefect-") and template.suffix == ".db"  # no part file left
-    def contents(db: Path) -> tuple[set, int]:
+    (template,), (store,) = cache.glob("prefect-*.db"), cache.glob("mlflow-*.db")  # MLflow's empty store is kept too (see `flow.mlflow_client`)
+    assert sorted(cache.iterdir()) == sorted([template, store])  # no part file left
+    def contents(db: Path) -> tuple[set, int, str]:
         with contextlib.closing(sqlite3.connect(db)) as c:
-            return {i for (i,) in c.execute("select id from block_schema")}, c.execute("select count(*) from flow_run").fetchone()[0]
-    (kept, n_kept), (first, n_first), (second, n_second) = (contents(d) for d in (template, tmp_path/"first/prefect_home/prefect.db", tmp_path/"second/prefect_home/prefect.db"))
+            return ({i for (i,) in c.execute("select id from block_schema")}, c.execute("select count(*) from flow_run").fetchone()[0],
+                    c.execute("select max(updated) from block_type").fetchone()[0])
+    (kept, n_kept, t_kept), (first, n_first, _), (second, n_second, t_second) = (contents(d) for d in (template, tmp_path/"first/prefect_home/prefect.db", tmp_path/"second/prefect_home/prefect.db"))
     assert kept and n_kept == 0  # Prefect's block types, no run
     assert first == kept == second  # ids a fresh database draws at random: the second home's came from the copy
+    assert t_second == t_kept  # and its server did not register them again (that rewrites each block type's `updated`)
     assert n_first == n_second == 1  # each home holds its own run
     with contextlib.closing(sqlite3.connect(tmp_path/"second/prefect_home/prefect.db")) as c:  # the run's record reached the server before it stopped
         assert c.execute("select state_type from flow_run").fetchall() == [("COMPLETED",)]
