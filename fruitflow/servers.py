@@ -8,7 +8,7 @@ import argparse, contextlib, json, os, signal, socket, subprocess, sys, time, ur
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['HOST', 'STATE', 'SERVERS', 'HEALTH', 'API', 'KEEPER', 'running', 'env_from_servers', 'up', 'status', 'down',
+__all__ = ['HOST', 'STATE', 'SERVERS', 'HEALTH', 'API', 'KEEPER', 'WARM', 'running', 'env_from_servers', 'up', 'status', 'down',
            'add_parsers']
 
 # %% ../nbs/13_servers.ipynb #991fed1f
@@ -72,6 +72,12 @@ def _healthy(info: dict, timeout: float = 2) -> bool:
     try:
         with urllib.request.urlopen(info["url"] + HEALTH[info["name"]], timeout=timeout) as r: return r.status == 200
     except OSError: return False
+
+WARM = {"prefect": "/api/admin/version", "mlflow": "/api/2.0/mlflow/experiments/search?max_results=1"}  # each server's first API call after `up`
+
+def _warm_up(info: dict, timeout: float = 30) -> None:
+    "Make the first API call to the server of `info`, which costs a fresh server what it sets up on it, so that the first run does not wait for that."
+    with contextlib.suppress(OSError), urllib.request.urlopen(info["url"] + WARM[info["name"]], timeout=timeout): pass
 
 def _start(name: str, port: int|None, workdir: Path) -> dict:
     "Start server `name` on `port` in the background; its pid file contents."
@@ -141,6 +147,7 @@ def up(args) -> int:
         print(f"fruitflow up: error: {', '.join(failed)} did not answer within {args.timeout:.0f} s; see {wd/STATE}/<server>.log", file=sys.stderr)
         return 1
     r = running(wd)
+    for i in r.values(): _warm_up(i)
     print(f"Prefect: {r['prefect']['url']}\nMLflow:  {r['mlflow']['url']}\n`fruitflow run --workdir {args.workdir}` now uses them; `fruitflow down` stops them.")
     if args.warm_kernels:  # after the servers: warming kernels would slow their start
         if k := running(wd, (KEEPER,)).get(KEEPER): print(f"warm kernel: kept already (pid {k['pid']})")
