@@ -35,6 +35,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def load_image(src: str|Path|bytes,  # a path, or the file's bytes
                name: str|None = None,  # how to call it in an error message
                max_pixels: int = MAX_PIXELS,  # refuse larger images before decoding them
+               size: int|None = None,  # the side it will be resized to: a JPEG is decoded at 1/2, 1/4 or 1/8 scale, never below it
               ) -> Image.Image:
     "Decode `src` by its content into an RGB image with its EXIF orientation applied."
     name = name or ("<bytes>" if isinstance(src, bytes) else str(src))
@@ -44,6 +45,7 @@ def load_image(src: str|Path|bytes,  # a path, or the file's bytes
             w, h = im.size
             if w * h > max_pixels: raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,}", "too_large")
             if min(w, h) < MIN_SIDE: raise ImageError(f"{name}: {w}x{h} pixels is too small to classify", "too_small")
+            if size: im.draft(None, (size, size))  # libjpeg scales while it decodes; other formats ignore it
             im.load()
             return _to_rgb(ImageOps.exif_transpose(im))
     except ImageError: raise
@@ -56,7 +58,7 @@ def load_image(src: str|Path|bytes,  # a path, or the file's bytes
 def to_array(im: Image.Image,  # an RGB image from `load_image`
              size: int,  # side of the square the model expects
             ) -> np.ndarray:
-    "Resize `im` to `size`×`size` (bilinear, as Keras' image loaders do) as a uint8 array."
+    "Resize `im` to `size`×`size` (bilinear, as Keras' image loaders do) as a uint8 array; load it with `load_image(..., size=size)`."
     return np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 # %% ../nbs/00_core.ipynb #b94fe60c

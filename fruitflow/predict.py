@@ -35,7 +35,7 @@ class FruitModel(mlflow.pyfunc.PythonModel):
         self.classes, self.image_size = meta["classes"], meta["image_size"]
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        x = np.stack([to_array(load_image(_as_bytes(v), name=f"image {i}"), self.image_size) for i, v in enumerate(model_input["image"])])
+        x = np.stack([to_array(load_image(_as_bytes(v), name=f"image {i}", size=self.image_size), self.image_size) for i, v in enumerate(model_input["image"])])
         p = self.model.predict(x.astype("float32"), verbose=0)
         return pd.DataFrame({"label": [self.classes[i] for i in p.argmax(1)], **{f"p_{c}": p[:, i].astype(float) for i, c in enumerate(self.classes)}})
 

@@ -50,7 +50,7 @@ def preprocess(manifest_path: Path,  # the manifest CSV of the download step
     for r in rows:
         if r["sha256"] in seen:
             skipped.append((r["path"], f"duplicate of {seen[r['sha256']]}")); continue
-        try: x[len(kept)] = to_array(load_image(r["path"]), image_size)
+        try: x[len(kept)] = to_array(load_image(r["path"], size=image_size), image_size)
         except ImageError as e:
             skipped.append((r["path"], str(e).removeprefix(r["path"] + ": "))); continue
         seen[r["sha256"]] = r["path"]; kept.append(r)
