@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, contextlib, email.parser, email.policy, json, logging, os, re, sys, threading
 from pathlib import Path
-from .core import ImageError, MAX_PIXELS, load_image
+from .core import ImageError, MAX_PIXELS, MIN_SIDE, load_image
 from .flow import TRACKING_DB
 
 # %% auto #0
@@ -81,7 +81,7 @@ def label_files(model,  # a loaded pyfunc
     for p in map(str, paths):
         try:
             data = Path(p).read_bytes()
-            load_image(data, name=p, max_pixels=max_pixels)
+            load_image(data, name=p, max_pixels=max_pixels, size=MIN_SIDE)  # a check: every byte decoded, a JPEG at 1/8 scale (0.03 s against 0.13 s for a 12-megapixel photo); the model decodes it again
             good.append((p, data))
         except ImageError as e: errors.append(str(e))
         except OSError as e: errors.append(f"{p}: cannot read it ({e.strerror or type(e).__name__})")
@@ -185,7 +185,7 @@ def app(model,  # a loaded pyfunc (anything with `predict(DataFrame)`)
     api, lock = FastAPI(title="fruitflow", summary="Apples or oranges, from the MLflow Model Registry."), threading.Lock()
 
     def answer(images):
-        for i, (_, b) in enumerate(images, 1): load_image(b, name=f"image {i}", max_pixels=max_pixels)
+        for i, (_, b) in enumerate(images, 1): load_image(b, name=f"image {i}", max_pixels=max_pixels, size=MIN_SIDE)  # a check, as in `label_files`
         with lock: return _rows(model, *zip(*images))
 
     async def predict(request):
