@@ -89,6 +89,7 @@ def step_run(run_id: str,  # the pipeline's MLflow run; "" runs the step without
     if tracking_uri: mlflow.set_tracking_uri(tracking_uri)
     if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ: mlflow.set_system_metrics_sampling_interval(1)
     if "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING" not in os.environ: mlflow.set_system_metrics_samples_before_logging(1)
+    os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")  # its logging thread then waits on an event the run's end sets: see below
     run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
     try: yield run
     except KeyboardInterrupt:

@@ -240,8 +240,9 @@ def _modules_of(*steps: str) -> list[str]:
     return list(dict.fromkeys(m for s in steps for m in _modules(step_notebook(s))))
 
 def _warm_code(mods: list[str]) -> str:
-    "Code that imports `mods` in a kernel, then freezes what they made out of the garbage collector's sweeps, and leaves its namespace as it was."
-    return (f"def _fruitflow_warm():\n    import gc, importlib\n    for m in {mods!r}:\n        try: importlib.import_module(m)\n"
+    "Code that imports `mods` in a kernel and runs the `warm_up()` of fruitflow's modules among them, then freezes what they made out of the garbage collector's sweeps, and leaves its namespace as it was."
+    return (f"def _fruitflow_warm():\n    import gc, importlib\n    for m in {mods!r}:\n        try:\n            mod = importlib.import_module(m)\n"
+            f"            if m.split('.')[0] == 'fruitflow' and callable(getattr(mod, 'warm_up', None)): mod.warm_up()\n"
             f"        except Exception: pass\n    gc.collect(); gc.freeze()\n_fruitflow_warm(); del _fruitflow_warm")
 
 def _execute_quietly(km, code: str, timeout: float):
