@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_flow.ipynb #2362e6f9
 from __future__ import annotations
-import contextlib, contextvars, datetime, gc, hashlib, json, os, re, shutil, sqlite3, sys, time
+import contextlib, contextvars, datetime, gc, hashlib, json, os, re, shutil, sqlite3, sys, threading, time
 from pathlib import Path
 from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -222,13 +222,22 @@ def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, time
     return scraps
 
 # %% ../nbs/10_flow.ipynb #25e9af94
+_PARSING = threading.Lock()  # CPython 3.11 keeps the AST builder's depth per interpreter: two threads parsing at once can fail (gh-106905)
+
+def _parse(source: str):
+    "`ast.parse(source)`, one fruitflow thread at a time (a sweep starts its trials' kernels in parallel), and once more if another library's parse got in its way."
+    import ast
+    with _PARSING:
+        try: return ast.parse(source)
+        except SystemError: return ast.parse(source)  # "AST constructor recursion depth mismatch", seen once in a sweep's kernel start
+
 def _modules(nb) -> list[str]:
     "The modules that `nb`'s code cells import at top level, in order."
     import ast
     mods = []
     for c in nb.cells:
         if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []): continue
-        try: body = ast.parse(c.source).body
+        try: body = _parse(c.source).body
         except SyntaxError: continue  # a magic, say: the notebook itself will tell
         for n in body:
             if isinstance(n, ast.Import): mods += [a.name for a in n.names]
