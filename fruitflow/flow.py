@@ -597,12 +597,11 @@ class TemporaryPrefectServer:
 
 # %% ../nbs/10_flow.ipynb #f57a5304
 @contextlib.contextmanager
-def _store_lock(tracking_uri: str):
-    "Hold a lock beside an embedded SQLite store: two pipelines creating it at once would both migrate its tables."
-    if not tracking_uri.startswith("sqlite:///"): yield; return
+def _store_lock(db: Path):
+    "Hold a lock beside the embedded SQLite store `db`: two pipelines creating it at once would both migrate its tables."
     try: import fcntl
     except ImportError: yield; return  # no flock on Windows
-    with open(tracking_uri.removeprefix("sqlite:///") + ".lock", "a") as f:
+    with open(f"{db}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
@@ -632,7 +631,7 @@ def mlflow_client(tracking_uri: str):
     path = tracking_uri.removeprefix("sqlite:///").split("?")[0] if tracking_uri.startswith("sqlite:///") else ""
     if path in ("", ":memory:"): return MlflowClient(tracking_uri)
     db = Path(path)
-    with _store_lock(tracking_uri):
+    with _store_lock(db):
         try: template = mlflow_template()
         except RuntimeError: return MlflowClient(tracking_uri)  # no home folder for a cache: MLflow migrates the store, as it would
         fresh = not db.exists() and not seed_db(db, template)
