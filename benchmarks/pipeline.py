@@ -15,22 +15,24 @@ Issue 6, benchmark 1. All sides get the same images, the lab's 19 photos (`DIR`,
   (g) right after (b), the same as (b) with `--kernel-per-step`: a kernel of its own for each step, each started
       ahead, as fruitflow ran before the steps shared one; (b)/(g) is what sharing the kernel saves from cold;
   (c) the same `fruitflow run` with the servers already up (the lab's way of working): `fruitflow up` on free
-      ports before the clock starts, and until its keeper offers its warm kernel (both times are printed, not
-      counted), `fruitflow down` after;
-  (d) right after (c), on the same servers with the keeper stopped: the kernel the steps share started (and
-      their modules imported) ahead by the run itself; (c)/(d) is what the warm kernel saves;
+      ports before the clock starts, and until its keeper offers its warm kernel and its warm driver is ready
+      (both times are printed, not counted), `fruitflow down` after;
+  (h) right after (c), once the keeper has warmed a kernel again, with the warm driver stopped: the run in a
+      process of its own, which imports Prefect and MLflow itself; (c)/(h) is what the warm driver saves;
+  (d) right after (h), with the keeper stopped too: the kernel the steps share started (and their modules
+      imported) ahead by the run itself; (h)/(d) is what the warm kernel saves;
   (e) right after (d): `fruitflow run --kernels-ahead 0`, each step's kernel started when the step starts,
       fruitflow's first way; (d)/(e) is what starting a kernel ahead saves (any advantage of running later
       goes to (d) and (e)).
 
 MLFLOW_* and PREFECT_* are removed from every subprocess's environment, so (b) uses the embedded defaults and
-(c), (d) and (e) find the servers only through `fruitflow up`'s pid files. Every side downloads the images afresh: the lab
-script wipes its dataset/, (b) has a fresh folder, data/ is removed before each of (c), (d) and (e). fruitflow runs its
+(c), (h), (d) and (e) find the servers only through `fruitflow up`'s pid files. Every side downloads the images afresh: the lab
+script wipes its dataset/, (b) has a fresh folder, data/ is removed before each of (c), (h), (d) and (e). fruitflow runs its
 defaults (96 px, batch 8, the `small` model, which trains at least 200 steps whatever the set's size; the
 lab's model trains 2 steps an epoch), so "same epochs" is not "same training work": `--model lab` narrows that.
-Per-step times of (f), (b) to (e) and (g) come from their "[i/5] step done in X s" lines; "outside steps" is everything
+Per-step times of (f), (b) to (h) come from their "[i/5] step done in X s" lines; "outside steps" is everything
 else (interpreter and Prefect start-up, opening the MLflow run). Targets: (b)/(a) ≤ 1.0, (c)/(a) ≤ 0.5.
-The sides run one after another, (a), (f), (b), (g), then (c) to (e) in each repeat. A measurement, not a test: run it twice.
+The sides run one after another, (a), (f), (b), (g), then (c), (h), (d), (e) in each repeat. A measurement, not a test: run it twice.
 """
 import argparse, contextlib, functools, http.server, os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 from pathlib import Path
@@ -85,27 +87,28 @@ def run(base: str, work: Path, a, *more, env: dict|None = None) -> dict:
                     "--model", a.model, "--workdir", work, *more], work, env=env)
     return dict(total=s, steps=step_times(out))
 
-def warm(work: Path, timeout: float = 300) -> float:
-    "Wait until `fruitflow up`'s keeper offers its warm kernel, the one the steps share: the seconds it took."
+def warm(work: Path, timeout: float = 300, driver: bool = True) -> float:
+    "Wait until `fruitflow up`'s keeper offers its warm kernel, the one the steps share, and (`driver`) its warm driver is ready: the seconds it took."
     t = time.perf_counter()
-    while f"warm: {','.join(STEPS)} " not in timed([BIN/"fruitflow", "status", "--workdir", work], work, check=False)[1]:
-        if time.perf_counter() - t > timeout: sys.exit(f"the keeper offered no warm kernel within {timeout} s: see {work}/.fruitflow/kernels.log")
+    while not re.search(rf"warm: {','.join(STEPS)} " + ("(.|\n)*driver .* ready " if driver else ""), timed([BIN/"fruitflow", "status", "--workdir", work], work, check=False)[1]):
+        if time.perf_counter() - t > timeout: sys.exit(f"the keeper offered no warm kernel or the driver was not ready within {timeout} s: see {work}/.fruitflow/")
         time.sleep(1)
     return time.perf_counter() - t
 
-def stop_keeper(work: Path):
-    "Stop `fruitflow up`'s keeper (and the kernels it offers), leaving the servers up."
-    from fruitflow.servers import KEEPER, _pidfile, _stop, running
-    if k := running(work, (KEEPER,)).get(KEEPER): _stop(k); _pidfile(work, KEEPER).unlink(missing_ok=True)
+def stop(work: Path, name: str):
+    "Stop `fruitflow up`'s keeper (and the kernels it offers) or its driver, leaving the servers up."
+    from fruitflow.servers import _pidfile, _stop, running
+    if k := running(work, (name,)).get(name): _stop(k); _pidfile(work, name).unlink(missing_ok=True)
 
-def with_servers(base: str, work: Path, a) -> tuple[dict, dict, dict]:
-    "(c), (d) then (e): `fruitflow run` while `fruitflow up` serves Prefect and MLflow over `work`; up, the warming and down are not timed."
+def with_servers(base: str, work: Path, a) -> tuple[dict, dict, dict, dict]:
+    "(c), (h), (d) then (e): `fruitflow run` while `fruitflow up` serves Prefect and MLflow over `work`; up, the warming and down are not timed."
     work.mkdir(parents=True, exist_ok=True)
     up_s, _ = timed([BIN/"fruitflow", "up", "--prefect-port", free_port(), "--mlflow-port", free_port(), "--workdir", work], work)
     try:
         got, warm_s = [], warm(work)
-        for more in ((), "no keeper", ("--kernels-ahead", "0")):
-            if more == "no keeper": stop_keeper(work); more = ()
+        for more in ((), "no driver", "no keeper", ("--kernels-ahead", "0")):
+            if more == "no driver": stop(work, "driver"); warm(work, driver=False); more = ()
+            if more == "no keeper": stop(work, "kernels"); more = ()
             shutil.rmtree(work/"data", ignore_errors=True)  # download afresh, like the other sides
             got.append(run(base, work, a, *more) | dict(up=up_s, warm=warm_s))
         return tuple(got)
@@ -113,8 +116,8 @@ def with_servers(base: str, work: Path, a) -> tuple[dict, dict, dict]:
 
 def table(r: dict) -> str:
     "One repeat's figures: per-step and total seconds of each side, ratios to the lab script against the targets."
-    cols = (("first", 12), ("cold", 12), ("up", 16), ("upk", 14), ("up0", 14), ("cold1", 16))
-    rows = [f"{'':<16}{'(a) lab script':>16}{'(f) first':>12}{'(b) cold':>12}{'(c) servers up':>16}{'(d) no warm':>14}{'(e) ahead 0':>14}{'(g) per step':>16}"]
+    cols = (("first", 12), ("cold", 12), ("up", 16), ("upd", 14), ("upk", 14), ("up0", 14), ("cold1", 16))
+    rows = [f"{'':<16}{'(a) lab script':>16}{'(f) first':>12}{'(b) cold':>12}{'(c) servers up':>16}{'(h) no driver':>14}{'(d) no warm':>14}{'(e) ahead 0':>14}{'(g) per step':>16}"]
     for s in STEPS: rows.append(f"{s:<16}{'':>16}" + "".join(f"{r[k]['steps'].get(s, float('nan')):>{w}.1f}" for k, w in cols))
     rows.append(f"{'outside steps':<16}{'':>16}" + "".join(f"{r[k]['total'] - sum(r[k]['steps'].values()):>{w}.1f}" for k, w in cols))
     rows.append(f"{'total s':<16}{r['lab']['total']:>16.1f}" + "".join(f"{r[k]['total']:>{w}.1f}" for k, w in cols))
@@ -122,7 +125,8 @@ def table(r: dict) -> str:
     rows.append(f"{'target':<16}{'':>16}{'':>12}{'≤ ' + str(TARGETS['cold']):>12}{'≤ ' + str(TARGETS['up']):>16}")
     rows.append(f"(b) / (f): {r['cold']['total'] / r['first']['total']:.2f}, a cold run with Prefect's migrated database kept against the machine's first")
     rows.append(f"(b) / (g): {r['cold']['total'] / r['cold1']['total']:.2f}, from cold, one kernel the steps share against a kernel per step")
-    rows.append(f"(c) / (d): {r['up']['total'] / r['upk']['total']:.2f}, the warm kernel kept by `fruitflow up` against the kernel the run starts ahead")
+    rows.append(f"(c) / (h): {r['up']['total'] / r['upd']['total']:.2f}, the run forked by `fruitflow up`'s warm driver against a process of its own")
+    rows.append(f"(h) / (d): {r['upd']['total'] / r['upk']['total']:.2f}, the warm kernel kept by `fruitflow up` against the kernel the run starts ahead")
     rows.append(f"(d) / (e): {r['upk']['total'] / r['up0']['total']:.2f}, a kernel started ahead against each step's kernel started with its step")
     rows.append(f"(`fruitflow up` took {r['up']['up']:.1f} s and its keeper {r['up']['warm']:.1f} s more to warm its kernel, before (c), not counted)")
     return "\n".join(rows)
@@ -130,7 +134,7 @@ def table(r: dict) -> str:
 def verdict(rs: list) -> str:
     "The median ratios of all repeats against the targets."
     lines = []
-    for k, name in (("first", "(f) cold, the machine's first run"), ("cold", "(b) cold, embedded defaults"), ("up", "(c) servers already up"), ("upk", "(d) servers up, no warm kernels"), ("up0", "(e) servers up, --kernels-ahead 0"), ("cold1", "(g) cold, --kernel-per-step")):
+    for k, name in (("first", "(f) cold, the machine's first run"), ("cold", "(b) cold, embedded defaults"), ("up", "(c) servers already up"), ("upd", "(h) servers up, no warm driver"), ("upk", "(d) servers up, no warm kernels"), ("up0", "(e) servers up, --kernels-ahead 0"), ("cold1", "(g) cold, --kernel-per-step")):
         q = statistics.median(r[k]["total"] / r["lab"]["total"] for r in rs)
         lines.append(f"{name}: {q:.2f}× the lab script" + (f" (target ≤ {TARGETS[k]}×): {'met' if q <= TARGETS[k] else 'NOT met'}" if k in TARGETS else ""))
     return "\n".join(lines)
@@ -149,7 +153,7 @@ if __name__ == "__main__":
             cache = {"FRUITFLOW_CACHE": str(root/f"cache{i}")}  # empty for (f), which fills it for (b)
             r = dict(lab=lab(base, root/f"lab{i}", a), first=run(base, root/f"first{i}", a, env=cache), cold=run(base, root/f"cold{i}", a, env=cache),
                      cold1=run(base, root/f"cold1-{i}", a, "--kernel-per-step", env=cache))
-            r["up"], r["upk"], r["up0"] = with_servers(base, root/f"up{i}", a)
+            r["up"], r["upd"], r["upk"], r["up0"] = with_servers(base, root/f"up{i}", a)
             rs.append(r)
             print(f"\nrepeat {i + 1}/{a.repeat}: {a.epochs} epochs, the lab's photos from {a.images}, fruitflow --model {a.model}\n{table(r)}", flush=True)
     print(f"\n{verdict(rs)}\n(work folders in {root})")

@@ -168,7 +168,7 @@ def _stacks_on_signal():
     if hasattr(signal, "SIGUSR1"): faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 def main(argv: list[str]|None = None) -> int:
-    "The `fruitflow` command."
+    "The `fruitflow` command, in this process (the console script, `fruitflow.driver.main`, first offers a `run` to the warm driver `fruitflow up` keeps)."
     _stacks_on_signal()
     args = parser().parse_args(argv)
     return args.func(args)

@@ -8,8 +8,8 @@ import argparse, contextlib, json, os, signal, socket, subprocess, sys, time, ur
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['HOST', 'STATE', 'SERVERS', 'HEALTH', 'API', 'KEEPER', 'WARM', 'running', 'env_from_servers', 'up', 'status', 'down',
-           'add_parsers']
+__all__ = ['HOST', 'STATE', 'SERVERS', 'HEALTH', 'API', 'KEEPER', 'DRIVER', 'WARM', 'running', 'env_from_servers', 'up', 'status',
+           'down', 'add_parsers']
 
 # %% ../nbs/13_servers.ipynb #991fed1f
 HOST = "127.0.0.1"  # loopback only
@@ -18,11 +18,15 @@ SERVERS = ("prefect", "mlflow")  # in start order
 HEALTH = {"prefect": "/api/health", "mlflow": "/health"}  # each server's health endpoint
 API = {"prefect": "/api", "mlflow": ""}  # what a client appends to the server's URL
 KEEPER = "kernels"  # not a server: the process that keeps a warm kernel for the steps of `fruitflow run` (see `fruitflow.pool`)
+DRIVER = "driver"  # not a server either: the process that forks each `fruitflow run` with Prefect and MLflow imported (see `fruitflow.driver`)
 
 def _command(name: str, port: int, workdir: Path) -> tuple[list[str], dict]:
     "The command line and extra environment that start server `name` on `port` over `workdir`'s stores."
     bin_ = Path(sys.executable).parent
     if name == KEEPER: return [sys.executable, "-c", "import sys; from fruitflow.pool import main; main(sys.argv[1])", str(workdir)], {}
+    if name == DRIVER:
+        from fruitflow.driver import COMMAND
+        return [sys.executable, "-c", COMMAND, str(workdir)], {}
     if name == "prefect":
         return ([str(bin_/"prefect"), "server", "start", "--host", HOST, "--port", str(port)],
                 {"PREFECT_HOME": str(workdir/"prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -152,6 +156,9 @@ def up(args) -> int:
     if args.warm_kernels:  # after the servers: warming kernels would slow their start
         if k := running(wd, (KEEPER,)).get(KEEPER): print(f"warm kernel: kept already (pid {k['pid']})")
         else: print(f"warm kernel: one for the steps of a run, warming in the background (pid {_start(KEEPER, None, wd)['pid']}; `fruitflow status` shows them)")
+    if args.warm_driver:
+        if d := running(wd, (DRIVER,)).get(DRIVER): print(f"warm driver: running already (pid {d['pid']})")
+        else: print(f"warm driver: each `fruitflow run` here is forked from a process with Prefect and MLflow imported (pid {_start(DRIVER, None, wd)['pid']})")
     from fruitflow.flow import settle
     for line in settle(wd): print(line)  # runs that ended while the server was away get their status now
     return 0
@@ -166,12 +173,16 @@ def status(args) -> int:
         from fruitflow.pool import offers
         warm = [o["step"] for o in offers(args.workdir)]
         print(f"{KEEPER:8} {'':24} pid {k['pid']:<8} warm: {'; '.join(warm) or 'none yet'}  log {k['log']}")
+    if d := running(Path(args.workdir), (DRIVER,)).get(DRIVER):
+        from fruitflow.driver import SOCKET
+        ready = (Path(args.workdir).resolve()/SOCKET).is_socket()
+        print(f"{DRIVER:8} {'':24} pid {d['pid']:<8} {'ready' if ready else 'importing'}  log {d['log']}")
     return 0 if len(r) == len(SERVERS) else 1
 
 def down(args) -> int:
     "`fruitflow down`: stop the servers `up` started over the work folder, and nothing else."
     wd = Path(args.workdir)
-    r = running(wd, (KEEPER,) + SERVERS)  # the keeper first: the kernels it offers go with it
+    r = running(wd, (DRIVER, KEEPER) + SERVERS)  # the driver first (it ends the runs it forked, each with a status), then the keeper: the kernels it offers go with it
     for n, i in r.items():
         _stop(i)
         _pidfile(wd, n).unlink(missing_ok=True)
@@ -187,6 +198,8 @@ def add_parsers(sub) -> None:
     u.add_argument("--timeout", type=float, default=300, help="seconds to wait for both to answer (default 300)")
     u.add_argument("--warm-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="keep a kernel started, every step's modules imported, for the steps of `fruitflow run` (default: yes; about 0.7 GB of memory)")
+    u.add_argument("--warm-driver", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep a process with Prefect and MLflow imported that forks each `fruitflow run` over this folder (default: yes; about 0.2 GB of memory)")
     u.set_defaults(func=up)
     sub.add_parser("status", help="each dashboard's URL, pid, health and log").set_defaults(func=status)
     sub.add_parser("down", help="stop the dashboards that `fruitflow up` started").set_defaults(func=down)

@@ -6,10 +6,10 @@ folder; the pipeline runs against them as a subprocess whose environment has no 
 checked through the servers' REST APIs and in a real headless Chromium. Nothing is mocked.
 """
 from __future__ import annotations
-import json, re, socket, struct, time, urllib.parse, urllib.request
+import json, os, re, signal, socket, struct, subprocess, sys, time, urllib.parse, urllib.request
 from pathlib import Path
 import pytest
-from conftest import free_port, fruitflow, runs
+from conftest import BIN, free_port, fruitflow, runs
 
 RUN = ["run", "--source", "synthetic", "--n-per-class", "6", "--epochs", "1", "--image-size", "32", "--batch-size", "4"]
 STEPS_IN_ORDER = ("download", "preprocess", "train", "evaluate", "register")
@@ -35,6 +35,53 @@ def _png_size(p: Path) -> tuple[int, int]:
     b = p.read_bytes()[:24]
     assert b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR", f"{p} is not a PNG"
     return struct.unpack(">II", b[16:24])
+
+def _until(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    "Read the process's output until `text` appears."
+    seen, end = "", time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None: break
+        seen += line
+        if text in line: return seen
+    raise AssertionError(f"{text!r} never appeared:\n{seen}\n{proc.stderr.read() if proc.poll() is not None else ''}")
+
+def _driver_log(wd: Path) -> str: return (wd/".fruitflow"/"driver.log").read_text()
+
+def _served(wd: Path) -> dict[int, str]:
+    "The runs the warm driver over `wd` forked: pid → command line."
+    return {int(m[1]): m[2] for m in re.finditer(r"run (\d+): fruitflow (.*) \(from ", _driver_log(wd))}
+
+def test_driver_starts_again_when_fruitflow_changes(tmp_path):
+    """A warm driver whose fruitflow has changed on disk since its imports refuses the next run (which then runs in its own
+    process) and starts itself again, same pid; then it serves again. No servers: the runs asked for stop at their options.
+    (It touches fruitflow/__init__.py's mtime and puts it back: this test runs before this module starts a keeper.)"""
+    from fruitflow.driver import COMMAND, SOCKET, attempt
+    import fruitflow
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    (tmp_path/".fruitflow").mkdir()
+    with open(tmp_path/".fruitflow"/"driver.log", "w") as log:  # where `up` would point it
+        driver = subprocess.Popen([sys.executable, "-c", COMMAND, str(tmp_path)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    init, sock = Path(fruitflow.__file__), tmp_path/SOCKET
+    st = init.stat()
+    def served(): return _served(tmp_path)
+    try:
+        end = time.monotonic() + 120
+        while not sock.is_socket(): assert time.monotonic() < end and driver.poll() is None; time.sleep(0.2)
+        bad = ["run", "--epochs", "0", "--workdir", str(tmp_path)]
+        with open(os.devnull, "w") as null:
+            fds = (null.fileno(),) * 3
+            assert attempt(bad, env=env, fds=fds) == 2 and len(served()) == 1
+            os.utime(init, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+            assert attempt(bad, env=env, fds=fds) is None and len(served()) == 1  # refused before any fork: the caller runs it
+            end = time.monotonic() + 120
+            while "starting again" not in _driver_log(tmp_path) or not sock.is_socket():
+                assert time.monotonic() < end and driver.poll() is None, _driver_log(tmp_path); time.sleep(0.2)
+            assert attempt(bad, env=env, fds=fds) == 2 and len(served()) == 2, _driver_log(tmp_path)
+        assert driver.poll() is None and _driver_log(tmp_path).count("serving `fruitflow run`") == 2
+    finally:
+        os.utime(init, ns=(st.st_atime_ns, st.st_mtime_ns))
+        driver.terminate(); driver.wait(30)
 
 @pytest.fixture(scope="module")
 def dashboards(tmp_path_factory):
@@ -67,8 +114,13 @@ def _live(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def warm_pool(dashboards):
-    "The warm kernels `fruitflow up`'s keeper offers, once there is one for every step (before `first_run`)."
-    return _warm(dashboards[0])
+    "The warm kernels `fruitflow up`'s keeper offers, once there is one for every step, and its warm driver, ready (before `first_run`)."
+    from fruitflow.driver import SOCKET
+    got, end = _warm(dashboards[0]), time.monotonic() + 120
+    while not (dashboards[0]/SOCKET).is_socket():
+        assert time.monotonic() < end, _driver_log(dashboards[0])
+        time.sleep(0.2)
+    return got
 
 @pytest.fixture(scope="module")
 def first_run(dashboards, warm_pool):
@@ -118,6 +170,15 @@ def test_run_takes_the_warm_kernels_and_the_keeper_makes_new_ones(dashboards, wa
     keeper = json.loads((wd/".fruitflow"/"kernels.json").read_text())["pid"]
     assert re.search(rf"^kernels +pid {keeper} +warm: download,preprocess,train,evaluate,register  log", s, re.M), s
 
+def test_runs_go_through_the_warm_driver(dashboards, first_run):
+    "`fruitflow run` with the servers up was forked by `up`'s warm driver, and its exit code came back from there."
+    wd = dashboards[0]
+    pid, cmd = next(iter(_served(wd).items()))  # the first run over this folder
+    assert cmd.split()[:len(RUN)] == RUN and f"run {pid} exited 0" in _driver_log(wd), _driver_log(wd)
+    s = fruitflow("status", workdir=wd, timeout=60).stdout
+    driver = json.loads((wd/".fruitflow"/"driver.json").read_text())["pid"]
+    assert re.search(rf"^driver +pid {driver} +ready  log ", s, re.M), s
+
 def test_mlflow_run_through_the_server(dashboards, first_run):
     wd, prefect, mlflow = dashboards
     run_id = first_run[1].info.run_id
@@ -165,6 +226,35 @@ def test_rerun_adds_a_run(dashboards, first_run):
     flows = _api(f"{prefect}/api/flow_runs/filter", {"flow_runs": {"id": {"any_": [r.data.tags["prefect.flow_run_id"] for r in after]}}})
     assert len(flows) == len(after) and all(f["state_type"] == "COMPLETED" for f in flows)
 
+def _run_in_background(wd: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    return subprocess.Popen([str(BIN/"fruitflow"), *RUN, "--epochs", "400", "--batch-size", "2"], cwd=wd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+def test_ctrl_c_reaches_a_run_the_driver_forked(dashboards, first_run):
+    "Ctrl-C to the command is passed on to its run: the run ends KILLED, the command exits 130 with its one line."
+    wd = dashboards[0]
+    proc = _run_in_background(wd)
+    _until(proc, "Epoch 2/")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines() == ["fruitflow run: interrupted; the MLflow run is marked KILLED"], err[-3000:]
+    run = runs(wd)[0]
+    assert run.info.status == "KILLED" and run.data.tags["failed_step"] == "train", (run.info.status, run.data.tags)
+    pid = list(_served(wd))[-1]
+    assert f"run {pid} exited 130" in _driver_log(wd), _driver_log(wd)
+
+def test_a_killed_command_ends_its_run(dashboards, first_run):
+    "A command killed outright (no signal to pass on) closes its connection: the driver sends its run SIGTERM, which ends it KILLED."
+    wd = dashboards[0]
+    proc = _run_in_background(wd)
+    _until(proc, "Epoch 2/")
+    proc.kill(); proc.communicate()
+    pid, end = list(_served(wd))[-1], time.monotonic() + 120
+    while f"run {pid} exited" not in _driver_log(wd): assert time.monotonic() < end, _driver_log(wd); time.sleep(0.5)
+    assert f"run {pid}: its command closed the connection; SIGTERM sent" in _driver_log(wd), _driver_log(wd)
+    assert runs(wd)[0].info.status == "KILLED"
+
 def test_busy_port_is_one_line(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); s.listen()
@@ -197,13 +287,21 @@ def test_user_variables_win(tmp_path, monkeypatch):
     finally: os.environ.clear(); os.environ.update(saved)  # env_defaults sets more than this test wants to keep
 
 def test_down_stops_everything_it_started(dashboards):
+    "`down` during a run: the driver ends the run it forked (KILLED, exit code 130 to its command) before the servers go."
     from fruitflow.pool import offers
     wd = dashboards[0]
-    pgids = [json.loads((wd/".fruitflow"/f"{n}.json").read_text())["pid"] for n in ("prefect", "mlflow", "kernels")]
+    pgids = [json.loads((wd/".fruitflow"/f"{n}.json").read_text())["pid"] for n in ("prefect", "mlflow", "kernels", "driver")]
     kernels = [o["pid"] for o in _warm(wd)]
     assert all(_group(g) for g in pgids)
+    proc = _run_in_background(wd)
+    _until(proc, "[1/5] download")
+    pid = list(_served(wd))[-1]
     p = fruitflow("down", workdir=wd, timeout=120)
-    assert p.returncode == 0 and "stopped prefect" in p.stdout and "stopped mlflow" in p.stdout and "stopped kernels" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0 and all(f"stopped {n}" in p.stdout for n in ("prefect", "mlflow", "kernels", "driver")), p.stdout + p.stderr
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "the MLflow run is marked KILLED" in err, err[-3000:]
+    assert runs(wd)[0].info.status == "KILLED" and not _live(pid)
+    assert "stopping; waiting for 1 run(s)" in _driver_log(wd) and f"run {pid} exited 130" in _driver_log(wd), _driver_log(wd)
     assert not any(_group(g) for g in pgids), {g: _group(g) for g in pgids}
     assert not any(_live(k) for k in kernels) and not offers(wd)
     assert fruitflow("status", workdir=wd, timeout=60).returncode == 1
