@@ -286,4 +286,5 @@ d = { 'settings': { 'branch': 'main',
                                  'fruitflow.train.requirements': ('train.html#requirements', 'fruitflow/train.py'),
                                  'fruitflow.train.split_info': ('train.html#split_info', 'fruitflow/train.py'),
                                  'fruitflow.train.synthetic_images': ('train.html#synthetic_images', 'fruitflow/train.py'),
-                                 'fruitflow.train.train': ('train.html#train', 'fruitflow/train.py')}}}
+                                 'fruitflow.train.train': ('train.html#train', 'fruitflow/train.py'),
+                                 'fruitflow.train.warm_up': ('train.html#warm_up', 'fruitflow/train.py')}}}

@@ -12,7 +12,8 @@ from keras import layers
 import tensorflow as tf
 
 # %% auto #0
-__all__ = ['load_split', 'split_info', 'synthetic_images', 'augment_images', 'augmented', 'build_model', 'train', 'requirements']
+__all__ = ['load_split', 'split_info', 'synthetic_images', 'augment_images', 'augmented', 'build_model', 'train', 'warm_up',
+           'requirements']
 
 # %% ../nbs/03_train.ipynb #1f20c8b9
 def load_split(split_dir: Path,  # the folder preprocess wrote
@@ -201,6 +202,14 @@ def train(split_dir: Path,  # the split written by preprocess
     return dict(model_path=str(model_path), weights_path=str(weights_path), meta_path=str(meta_path),
                 epochs_run=len(hist["loss"]), best_epoch=best + 1, steps_per_epoch=steps, n_params=int(model.count_params()), n_synthetic=n_extra,
                 **{k: float(v[best]) for k, v in hist.items() if k != "learning_rate"})
+
+# %% ../nbs/03_train.ipynb #33ef92af
+def warm_up():
+    "Build, compile and set up a tiny model, then clear Keras' session: what a process pays at its first model is paid before a run's `train`."
+    m = build_model("small", 32, 2, 4)
+    m.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    _build_state(m, 32)
+    keras.backend.clear_session()
 
 # %% ../nbs/03_train.ipynb #5846393a
 def requirements() -> list[str]:
