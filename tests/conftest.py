@@ -76,6 +76,16 @@ def fruitflow(*args, workdir: Path, env: dict|None = None, timeout: float = 900)
             pytest.fail(f"`{' '.join(cmd[1:])}` still ran after {timeout} s; its output's end:\n{out[-3000:]}\nits threads:\n{err[-12000:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
+def wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    "Read the process's output until `text` appears."
+    seen, end = "", time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None: break
+        seen += line
+        if text in line: return seen
+    raise AssertionError(f"{text!r} never appeared:\n{seen}\n{proc.stderr.read() if proc.poll() is not None else ''}")
+
 def mlflow_client(workdir: Path):
     "A client of the embedded store of `workdir`, for tracking and registry alike (whatever this process set globally)."
     from mlflow import MlflowClient

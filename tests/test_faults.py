@@ -3,7 +3,7 @@ an MLflow server killed mid-run, `fruitflow up`'s warm-kernel keeper killed mid-
 import contextlib, json, os, signal, sqlite3, subprocess, sys, time
 from pathlib import Path
 import psutil, pytest
-from conftest import BIN, FAST, free_port, fruitflow, mlflow_client, runs
+from conftest import BIN, FAST, free_port, fruitflow, mlflow_client, runs, wait_for as _wait_for
 
 SLOW_TRAIN = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--batch-size", "2", "--epochs", "400"]
 
@@ -11,16 +11,6 @@ def _start(wd: Path, prefect_api: str|None, *args) -> subprocess.Popen:
     "`fruitflow run ARGS` in `wd`, running on; without `prefect_api` it finds the servers `fruitflow up` started there."
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | ({"PREFECT_API_URL": prefect_api} if prefect_api else {})
     return subprocess.Popen([str(BIN/"fruitflow"), "run", *args], cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
-    "Read the process's output until `text` appears."
-    seen, end = "", time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None: break
-        seen += line
-        if text in line: return seen
-    raise AssertionError(f"{text!r} never appeared:\n{seen}\n{proc.stderr.read() if proc.poll() is not None else ''}")
 
 def _kernels(proc: subprocess.Popen, step: str = "") -> list:
     "The process's Jupyter kernels; with `step`, the one started for that step, alone or with others (fruitflow marks kernels it starts ahead)."

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, os, re, signal, socket, struct, subprocess, sys, time, urllib.parse, urllib.request
 from pathlib import Path
 import pytest
-from conftest import BIN, free_port, fruitflow, runs
+from conftest import BIN, free_port, fruitflow, runs, wait_for
 
 RUN = ["run", "--source", "synthetic", "--n-per-class", "6", "--epochs", "1", "--image-size", "32", "--batch-size", "4"]
 STEPS_IN_ORDER = ("download", "preprocess", "train", "evaluate", "register")
@@ -35,16 +35,6 @@ def _png_size(p: Path) -> tuple[int, int]:
     b = p.read_bytes()[:24]
     assert b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR", f"{p} is not a PNG"
     return struct.unpack(">II", b[16:24])
-
-def _until(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
-    "Read the process's output until `text` appears."
-    seen, end = "", time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None: break
-        seen += line
-        if text in line: return seen
-    raise AssertionError(f"{text!r} never appeared:\n{seen}\n{proc.stderr.read() if proc.poll() is not None else ''}")
 
 def _driver_log(wd: Path) -> str: return (wd/".fruitflow"/"driver.log").read_text()
 
@@ -235,7 +225,7 @@ def test_ctrl_c_reaches_a_run_the_driver_forked(dashboards, first_run):
     "Ctrl-C to the command is passed on to its run: the run ends KILLED, the command exits 130 with its one line."
     wd = dashboards[0]
     proc = _run_in_background(wd)
-    _until(proc, "Epoch 2/")
+    wait_for(proc, "Epoch 2/")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines() == ["fruitflow run: interrupted; the MLflow run is marked KILLED"], err[-3000:]
@@ -248,7 +238,7 @@ def test_a_killed_command_ends_its_run(dashboards, first_run):
     "A command killed outright (no signal to pass on) closes its connection: the driver sends its run SIGTERM, which ends it KILLED."
     wd = dashboards[0]
     proc = _run_in_background(wd)
-    _until(proc, "Epoch 2/")
+    wait_for(proc, "Epoch 2/")
     proc.kill(); proc.communicate()
     pid, end = list(_served(wd))[-1], time.monotonic() + 120
     while f"run {pid} exited" not in _driver_log(wd): assert time.monotonic() < end, _driver_log(wd); time.sleep(0.5)
@@ -294,7 +284,7 @@ def test_down_stops_everything_it_started(dashboards):
     kernels = [o["pid"] for o in _warm(wd)]
     assert all(_group(g) for g in pgids)
     proc = _run_in_background(wd)
-    _until(proc, "[1/5] download")
+    wait_for(proc, "[1/5] download")
     pid = list(_served(wd))[-1]
     p = fruitflow("down", workdir=wd, timeout=120)
     assert p.returncode == 0 and all(f"stopped {n}" in p.stdout for n in ("prefect", "mlflow", "kernels", "driver")), p.stdout + p.stderr
