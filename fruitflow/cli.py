@@ -30,7 +30,7 @@ def env_defaults(workdir: Path):
                  "TF_CPP_MIN_LOG_LEVEL": "2"}.items():
         os.environ.setdefault(k, v)
 
-def _sigterm(signum, frame): raise KeyboardInterrupt("SIGTERM")
+def _sigterm(signum, frame): raise KeyboardInterrupt(signal.Signals(signum).name)
 
 def _error_log(workdir: Path, e: BaseException) -> Path:
     "Write `e`'s traceback to the work folder's `.fruitflow/error.log`; its path."
@@ -86,6 +86,8 @@ def run(args) -> int:
     from fruitflow.flow import pipeline, settle, StepFailed, ResumeError, TrackingLost
     for line in settle(cfg.workdir): print(line)  # endings kept while a server was away
     signal.signal(signal.SIGTERM, _sigterm)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, _sigterm)  # a closed terminal ends the run with its status, as SIGTERM does; nohup's ignored SIGHUP stays ignored
     try: got = pipeline(cfg)
     except (StepFailed, ResumeError, TrackingLost) as e:
         print(f"fruitflow run: {e}", file=sys.stderr)

@@ -56,12 +56,13 @@ def test_cell_over_the_time_limit_fails_the_run(tmp_path, prefect_api):
     (run,) = runs(tmp_path)
     assert run.info.status == "FAILED" and f"step '{run.data.tags['failed_step']}' failed" in err[0]
 
-def test_sigterm_during_training_kills_run_and_kernel(tmp_path, prefect_api):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])  # SIGHUP: the terminal closed
+def test_sigterm_during_training_kills_run_and_kernel(tmp_path, prefect_api, sig):
     proc = _start(tmp_path, prefect_api, *SLOW_TRAIN)
     _wait_for(proc, "Epoch 2/")
     kernels = _kernels(proc)
     assert kernels
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "KILLED" in err and "Traceback" not in err, err
