@@ -275,8 +275,10 @@ def _child(conn: socket.socket, fds: list[int], req: dict, wd: Path, base: dict)
 
 # %% ../nbs/19_driver.ipynb #1c7d4863
 RUN_IMPORTS = ("fruitflow.cli", "fruitflow.flow", "fruitflow.pool", "prefect", "prefect.main", "prefect.cache_policies", "prefect.context",
-               "prefect.logging.configuration", "mlflow", "mlflow.tracking", "papermill", "scrapbook", "nbformat", "nbclient",
-               "jupyter_client", "jupyter_client.manager", "jupyter_client.asynchronous")  # what `fruitflow run` imports in its own process
+               "prefect.logging.configuration", "prefect.flow_engine", "prefect.task_engine", "prefect.engine", "prefect.artifacts",
+               "prefect.utilities.visualization", "prefect.concurrency.v1.context", "prefect.telemetry.run_telemetry", "anyio._backends._asyncio",
+               "mlflow", "mlflow.tracking", "mlflow.tracking.request_header.registry", "papermill", "scrapbook", "nbformat", "nbclient",
+               "jupyter_client", "jupyter_client.manager", "jupyter_client.asynchronous", "ipykernel.kernelspec", "IPython.display")  # what `fruitflow run` imports in its own process (a run's own imports, listed by one)
 
 def start(workdir: str):
     "The driver's process: a run's default variables, every module a run imports, then `serve`; a child it forks runs its request and exits with its code."
