@@ -76,6 +76,11 @@ def fruitflow(*args, workdir: Path, env: dict|None = None, timeout: float = 900)
             pytest.fail(f"`{' '.join(cmd[1:])}` still ran after {timeout} s; its output's end:\n{out[-3000:]}\nits threads:\n{err[-12000:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
+def with_handlers(cmd: list, handlers: dict) -> list:
+    "`cmd` started with these signal dispositions (signal → SIG_DFL or SIG_IGN) whatever these tests inherited (a terminal's job, nohup's): set by a wrapper that then execs `cmd`, in the same process."
+    return [sys.executable, "-c", "import json, os, signal, sys; [signal.signal(int(s), signal.Handlers(h)) for s, h in json.loads(sys.argv[1]).items()]; os.execv(sys.argv[2], sys.argv[2:])",
+            json.dumps({int(k): int(v) for k, v in handlers.items()}), *map(str, cmd)]
+
 def wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
     "Read the process's output until `text` appears."
     seen, end = "", time.monotonic() + timeout

@@ -3,14 +3,15 @@ an MLflow server killed mid-run, `fruitflow up`'s warm-kernel keeper killed mid-
 import contextlib, json, os, signal, sqlite3, subprocess, sys, time
 from pathlib import Path
 import psutil, pytest
-from conftest import BIN, FAST, free_port, fruitflow, mlflow_client, runs, wait_for as _wait_for
+from conftest import BIN, FAST, free_port, fruitflow, mlflow_client, runs, wait_for as _wait_for, with_handlers
 
 SLOW_TRAIN = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--batch-size", "2", "--epochs", "400"]
 
-def _start(wd: Path, prefect_api: str|None, *args) -> subprocess.Popen:
-    "`fruitflow run ARGS` in `wd`, running on; without `prefect_api` it finds the servers `fruitflow up` started there."
+def _start(wd: Path, prefect_api: str|None, *args, handlers: dict|None = None) -> subprocess.Popen:
+    "`fruitflow run ARGS` in `wd`, running on; without `prefect_api` it finds the servers `fruitflow up` started there; `handlers`: signal → SIG_DFL or SIG_IGN it starts with (as a terminal's job, or nohup's, whatever these tests inherited)."
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | ({"PREFECT_API_URL": prefect_api} if prefect_api else {})
-    return subprocess.Popen([str(BIN/"fruitflow"), "run", *args], cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [str(BIN/"fruitflow"), "run", *args]
+    return subprocess.Popen(with_handlers(cmd, handlers) if handlers else cmd, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 def _kernels(proc: subprocess.Popen, step: str = "") -> list:
     "The process's Jupyter kernels; with `step`, the one started for that step, alone or with others (fruitflow marks kernels it starts ahead)."
@@ -58,7 +59,7 @@ def test_cell_over_the_time_limit_fails_the_run(tmp_path, prefect_api):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])  # SIGHUP: the terminal closed
 def test_sigterm_during_training_kills_run_and_kernel(tmp_path, prefect_api, sig):
-    proc = _start(tmp_path, prefect_api, *SLOW_TRAIN)
+    proc = _start(tmp_path, prefect_api, *SLOW_TRAIN, handlers={sig: signal.SIG_DFL})
     _wait_for(proc, "Epoch 2/")
     kernels = _kernels(proc)
     assert kernels
@@ -70,6 +71,17 @@ def test_sigterm_during_training_kills_run_and_kernel(tmp_path, prefect_api, sig
     assert run.info.status == "KILLED" and run.data.tags.get("failed_step") == "train"
     psutil.wait_procs(kernels, timeout=30)
     assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kernels), "kernel left running"
+
+def test_a_sighup_ignored_at_start_stays_ignored(tmp_path, prefect_api):
+    "nohup: a run started with SIGHUP ignored trains on after one; SIGTERM then ends it KILLED."
+    proc = _start(tmp_path, prefect_api, *SLOW_TRAIN, handlers={signal.SIGHUP: signal.SIG_IGN})
+    _wait_for(proc, "Epoch 2/")
+    proc.send_signal(signal.SIGHUP)
+    _wait_for(proc, "Epoch 4/")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "KILLED" in err, err[-3000:]
+    assert runs(tmp_path)[0].info.status == "KILLED"
 
 def test_unreachable_mlflow_server_is_one_line_within_10_s(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
@@ -241,8 +253,8 @@ def test_ctrl_c_on_a_cold_run_ends_it_in_seconds_and_kill_9_leaves_no_server(tmp
     seconds, not minutes of retries against a server the same Ctrl-C had stopped. A run killed outright leaves no server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     (wd := tmp_path/"ctrl-c").mkdir()
-    as_in_a_terminal = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]  # SIGINT not ignored, also where these tests run as a background job
-    proc = subprocess.Popen([*as_in_a_terminal, str(BIN/"fruitflow"), "run", *SLOW_TRAIN], cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    as_in_a_terminal = with_handlers([BIN/"fruitflow", "run", *SLOW_TRAIN], {signal.SIGINT: signal.SIG_DFL})  # SIGINT not ignored, also where these tests run as a background job
+    proc = subprocess.Popen(as_in_a_terminal, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # a process group of its own, as a terminal's job
     _wait_for(proc, "Epoch 2/")
     server = _temporary_server(wd)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, os, re, signal, socket, struct, subprocess, sys, time, urllib.parse, urllib.request
 from pathlib import Path
 import pytest
-from conftest import BIN, free_port, fruitflow, runs, wait_for
+from conftest import BIN, free_port, fruitflow, runs, wait_for, with_handlers
 
 RUN = ["run", "--source", "synthetic", "--n-per-class", "6", "--epochs", "1", "--image-size", "32", "--batch-size", "4"]
 STEPS_IN_ORDER = ("download", "preprocess", "train", "evaluate", "register")
@@ -218,8 +218,8 @@ def test_rerun_adds_a_run(dashboards, first_run):
 
 def _run_in_background(wd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    return subprocess.Popen([str(BIN/"fruitflow"), *RUN, "--epochs", "400", "--batch-size", "2"], cwd=wd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = with_handlers([BIN/"fruitflow", *RUN, "--epochs", "400", "--batch-size", "2"], {signal.SIGINT: signal.SIG_DFL})  # passed on, also where these tests run as a background job
+    return subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 def test_ctrl_c_reaches_a_run_the_driver_forked(dashboards, first_run):
     "Ctrl-C to the command is passed on to its run: the run ends KILLED, the command exits 130 with its one line."
