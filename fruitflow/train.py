@@ -12,10 +12,13 @@ from keras import layers
 import tensorflow as tf
 
 # %% auto #0
-__all__ = ['load_split', 'split_info', 'synthetic_images', 'augment_images', 'augmented', 'build_model', 'train', 'warm_up',
-           'requirements']
+__all__ = ['PIPELINE', 'load_split', 'split_info', 'synthetic_images', 'augment_images', 'augmented', 'build_model', 'train',
+           'warm_up', 'requirements']
 
 # %% ../nbs/03_train.ipynb #1f20c8b9
+PIPELINE = tf.data.Options()
+PIPELINE.autotune.enabled = False  # no tuning thread: a fit's iterator goes away at once (measured above), epochs as fast
+
 def load_split(split_dir: Path,  # the folder preprocess wrote
                split: str,  # train, val or test
                batch_size: int = 8,  # images per batch
@@ -35,7 +38,8 @@ def load_split(split_dir: Path,  # the folder preprocess wrote
     ds = tf.data.Dataset.from_tensor_slices(idx)
     if shuffle: ds = ds.shuffle(max(len(idx), 1), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda i: tf.numpy_function(gather, [i], (tf.float32, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.map(lambda a, b: (tf.ensure_shape(a, (None, *x.shape[1:])), tf.ensure_shape(b, (None,)))).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(lambda a, b: (tf.ensure_shape(a, (None, *x.shape[1:])), tf.ensure_shape(b, (None,)))).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(PIPELINE)
 
 def split_info(split_dir: Path) -> dict:
     "The classes, image size and split indices preprocess recorded."
@@ -105,7 +109,7 @@ def augmented(ds: tf.data.Dataset,  # batches of (images, labels), e.g. `load_sp
              ) -> tf.data.Dataset:
     "`ds` with every batch's images augmented by `augment_images` and its labels untouched; the same seed gives the same images."
     aug = lambda i, b: (augment_images(b[0], tf.stack([tf.constant(seed, tf.int64), i]), strength), b[1])
-    return ds.enumerate().map(aug, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return ds.enumerate().map(aug, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).with_options(PIPELINE)
 
 # %% ../nbs/03_train.ipynb #c211f72c
 def build_model(kind: str = "small",  # small | lab | mobilenet
