@@ -18,7 +18,7 @@ __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ART
            'step_notebook', 'StepFailed', 'one_line', 'run_notebook', 'Kernels', 'ResumeError', 'step_key',
            'load_state', 'resumable', 'user_cache', 'prefect_collections', 'prefect_template', 'mlflow_template',
            'seed_db', 'keep_template', 'prefect_server_command', 'TemporaryPrefectServer', 'unreachable',
-           'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle', 'pipeline']
+           'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle', 'flow_settings', 'pipeline']
 
 # %% ../nbs/10_flow.ipynb #c53b1018
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -804,6 +804,12 @@ def _pipeline(cfg: Config, kernels: Kernels, client) -> dict:
         _close(client, dict(run_id=run_id, tracking_uri=uri, status=status, tags=tags, undo=undo), run_dir, what)
         _report(client, run_id, uri)
 
+def flow_settings():
+    "Prefect's settings for a fruitflow flow run: no flow-run heartbeats unless the user set their frequency (see below)."
+    from prefect.settings import get_current_settings, temporary_settings
+    chosen = "heartbeat_frequency" in get_current_settings().flows.model_fields_set  # by a variable, a .env, a prefect.toml or a profile
+    return temporary_settings(updates=None if chosen else {"flows.heartbeat_frequency": None})
+
 def pipeline(cfg: Config) -> dict:
     "Run download → preprocess → train → evaluate → register as a Prefect flow; return what the steps glued."
     kernels = Kernels(Path(cfg.workdir).resolve(), shared=not cfg.kernel_per_step)
@@ -816,5 +822,5 @@ def pipeline(cfg: Config) -> dict:
         gc.freeze()  # what Prefect's and MLflow's imports made stays: collections from now on skip it (see `Kernels`)
         if server: server.wait()
         def pipeline_flow(cfg: Config) -> dict: return _pipeline(cfg, kernels, client)
-        return flow(pipeline_flow, name="fruitflow", validate_parameters=False)(cfg)
+        with flow_settings(): return flow(pipeline_flow, name="fruitflow", validate_parameters=False)(cfg)
     finally: kernels.close()

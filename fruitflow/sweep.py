@@ -198,12 +198,13 @@ def _one_api():
 def sweep(cfg: SweepConfig) -> dict:
     "Run the hyperparameter search `cfg` as a Prefect flow with its task runner; return the trials and the registration."
     from prefect import flow
+    from fruitflow.flow import flow_settings
     from fruitflow.pool import mark_run
     runner = task_runner(cfg.task_runner, cfg.workers)  # an unknown runner fails before anything starts
     mark = mark_run(cfg.run.workdir)  # `fruitflow up`'s keeper warms no kernel while the trials train
     try:
         _one_api()
-        return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
+        with flow_settings(): return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
     finally:
         if mark: mark.unlink(missing_ok=True)
 

@@ -216,6 +216,22 @@ def test_rerun_adds_a_run(dashboards, first_run):
     flows = _api(f"{prefect}/api/flow_runs/filter", {"flow_runs": {"id": {"any_": [r.data.tags["prefect.flow_run_id"] for r in after]}}})
     assert len(flows) == len(after) and all(f["state_type"] == "COMPLETED" for f in flows)
 
+def _heartbeats(prefect: str, flow_run_id: str) -> int:
+    "How many heartbeat events the Prefect server holds for the flow run."
+    return _api(f"{prefect}/api/events/filter", {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                                                            "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}}, "limit": 50})["total"]
+
+def test_heartbeats_only_when_the_user_sets_their_frequency(dashboards, first_run):
+    "A flow run sends Prefect's heartbeats (its first at the flow's start) only with PREFECT_FLOWS_HEARTBEAT_FREQUENCY set: `flow.flow_settings`."
+    wd, prefect, mlflow = dashboards
+    p = fruitflow(*RUN, workdir=wd, env={"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})  # another PREFECT_ value: run in its own process, not the driver's
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    asked, end = runs(wd)[0].data.tags["prefect.flow_run_id"], time.monotonic() + 60
+    while not _heartbeats(prefect, asked):  # the server stores events a moment after they come
+        assert time.monotonic() < end, "no heartbeat event for the run that asked for them"
+        time.sleep(1)
+    assert _heartbeats(prefect, first_run[1].data.tags["prefect.flow_run_id"]) == 0  # sent earlier than the one above, had there been one
+
 def _run_in_background(wd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     cmd = with_handlers([BIN/"fruitflow", *RUN, "--epochs", "400", "--batch-size", "2"], {signal.SIGINT: signal.SIG_DFL})  # passed on, also where these tests run as a background job
