@@ -14,11 +14,12 @@ from .prefect_app import PARENT
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'SHARED',
-           'STATE', 'SERVER_ENV', 'REGISTER_BLOCKS', 'MLFLOW_CLEAR', 'PENDING', 'Config', 'nbs_dir', 'check_params',
-           'step_notebook', 'StepFailed', 'one_line', 'run_notebook', 'Kernels', 'ResumeError', 'step_key',
-           'load_state', 'resumable', 'user_cache', 'prefect_collections', 'prefect_template', 'mlflow_template',
-           'seed_db', 'keep_template', 'prefect_server_command', 'TemporaryPrefectServer', 'unreachable',
-           'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle', 'flow_settings', 'pipeline']
+           'EXIT_AT_ONCE', 'STATE', 'SERVER_ENV', 'REGISTER_BLOCKS', 'MLFLOW_CLEAR', 'PENDING', 'Config', 'nbs_dir',
+           'check_params', 'step_notebook', 'StepFailed', 'one_line', 'run_notebook', 'Kernels', 'ResumeError',
+           'step_key', 'load_state', 'resumable', 'user_cache', 'prefect_collections', 'prefect_template',
+           'mlflow_template', 'seed_db', 'keep_template', 'prefect_server_command', 'TemporaryPrefectServer',
+           'unreachable', 'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle', 'flow_settings',
+           'pipeline']
 
 # %% ../nbs/10_flow.ipynb #c53b1018
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -248,9 +249,19 @@ def _modules_of(*steps: str) -> list[str]:
     "The modules the notebooks of `steps` import at top level, each once, in order."
     return list(dict.fromkeys(m for s in steps for m in _modules(step_notebook(s))))
 
+EXIT_AT_ONCE = """def _fruitflow_exit():
+    import logging, os, weakref
+    weakref.finalize._exitfunc()  # the finalizers meant for exit (temporary folders still open)
+    logging.shutdown()
+    os._exit(0)
+import atexit as _a, sys as _s
+if not hasattr(_s, "fruitflow_exit"): _s.fruitflow_exit = _fruitflow_exit; _a.register(_fruitflow_exit)
+del _fruitflow_exit, _a, _s
+"""  # a kernel's first handler, so its last: see below
+
 def _warm_code(mods: list[str]) -> str:
-    "Code that imports `mods` in a kernel and runs the `warm_up()` of fruitflow's modules among them, then freezes what they made out of the garbage collector's sweeps, and leaves its namespace as it was."
-    return (f"def _fruitflow_warm():\n    import gc, importlib\n    for m in {mods!r}:\n        try:\n            mod = importlib.import_module(m)\n"
+    "Code that ends the kernel at once at exit (`EXIT_AT_ONCE`), imports `mods` and runs the `warm_up()` of fruitflow's modules among them, then freezes what they made out of the garbage collector's sweeps, and leaves its namespace as it was."
+    return EXIT_AT_ONCE + (f"def _fruitflow_warm():\n    import gc, importlib\n    for m in {mods!r}:\n        try:\n            mod = importlib.import_module(m)\n"
             f"            if m.split('.')[0] == 'fruitflow' and callable(getattr(mod, 'warm_up', None)): mod.warm_up()\n"
             f"        except Exception: pass\n    gc.collect(); gc.freeze()\n_fruitflow_warm(); del _fruitflow_warm")
 
