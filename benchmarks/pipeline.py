@@ -7,7 +7,7 @@ Issue 6, benchmark 1. All sides get the same images, the lab's 19 photos (`DIR`,
 (apples/, oranges/), and the same epochs. Each side is one subprocess timed from the outside, as a user runs it:
 
   (a) `python benchmarks/lab_script.py`: the lab's workflow (150 px, batch 8, its model), no Prefect, no MLflow,
-      run first and last in each repeat; (a) is the mean of the two (one run of it alone took 14.3 to 19.5 s within
+      run first and last in each repeat; (a) is the mean of the two (one run of it alone took 13.4 to 19.5 s within
       an hour here, so one run is a poor baseline);
   (f) `fruitflow run --source github` from cold on the embedded defaults, the first time on this machine: a fresh
       work folder, so Prefect's temporary server starts on a fresh `prefect_home` and MLflow writes a new SQLite
