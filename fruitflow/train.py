@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_train.ipynb #6148b90f
 from __future__ import annotations
-import json, math, os, threading
+import json, math, os, re, threading
 from pathlib import Path
 import numpy as np
 import keras
@@ -12,8 +12,8 @@ from keras import layers
 import tensorflow as tf
 
 # %% auto #0
-__all__ = ['PIPELINE', 'load_split', 'split_info', 'synthetic_images', 'augment_images', 'augmented', 'build_model', 'train',
-           'warm_up', 'requirements']
+__all__ = ['PIPELINE', 'PRECISIONS', 'load_split', 'split_info', 'synthetic_images', 'augment_images', 'augmented', 'build_model',
+           'bfloat16_native', 'train', 'warm_up', 'requirements']
 
 # %% ../nbs/03_train.ipynb #1f20c8b9
 PIPELINE = tf.data.Options()
@@ -118,8 +118,18 @@ def build_model(kind: str = "small",  # small | lab | mobilenet
                 width: int = 16,  # filters of the first block (small)
                 seed: int = 42,  # seed of the dropout
                 colour: bool = False,  # add the learned colour-histogram branch (small)
+                precision: str = "float32",  # float32 | bfloat16: computed in bfloat16, its weights and softmax in float32
                ) -> keras.Model:
     "A fresh, uncompiled classifier of `kind`."
+    if precision not in PRECISIONS: raise ValueError(f"precision {precision!r}: expected {' or '.join(PRECISIONS)}")
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISIONS[precision])  # Keras keeps it per thread: trials in threads do not mix
+    try: return _build(kind, image_size, n_classes, width, seed, colour)
+    finally: keras.config.set_dtype_policy(before)
+
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # precision: Keras' dtype policy
+
+def _build(kind, image_size, n_classes, width, seed, colour):
     inputs = keras.Input((image_size, image_size, 3))
     if kind == "lab":
         x = layers.Rescaling(1 / 255)(inputs)
@@ -138,7 +148,7 @@ def build_model(kind: str = "small",  # small | lab | mobilenet
         base.trainable = False  # tiny data: only the new head learns
         x = layers.Dropout(0.3, seed=seed)(layers.GlobalAveragePooling2D()(base(layers.Rescaling(1 / 127.5, offset=-1)(inputs), training=False)))
     else: raise ValueError(f"model_kind {kind!r}: expected small, lab or mobilenet")
-    return keras.Model(inputs, layers.Dense(n_classes, activation="softmax")(x), name=kind)
+    return keras.Model(inputs, layers.Dense(n_classes, activation="softmax", dtype="float32")(x), name=kind)
 
 def _colour_histogram(pixels, bins: int):
     "A soft colour histogram: `bins` learned colour regions (1×1 convolutions), each pixel's share averaged over the image."
@@ -157,6 +167,12 @@ def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     "Steps per epoch: one pass over `n` images, or more (the set repeated) so that `epochs` make `min_steps`."
     return max(-(-n // batch_size), -(-min_steps // max(epochs, 1)), 1)
 
+def bfloat16_native() -> bool:
+    "Whether this CPU computes bfloat16 itself (AVX-512 BF16 or AMX), so that mixed precision trains faster; without it, slower."
+    try: cpu = Path("/proc/cpuinfo").read_text()
+    except OSError: return False  # not Linux: no way to tell here, so float32
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpu) is not None
+
 def train(split_dir: Path,  # the split written by preprocess
           model_path: Path,  # where to save the model (.keras)
           model_kind: str = "small",  # small | lab
@@ -173,8 +189,11 @@ def train(split_dir: Path,  # the split written by preprocess
           schedule: bool | None = None,  # cosine-decay the learning rate (None: for small only)
           synthetic: int = 0,  # synthetic photos of each class mixed into the training split (apples and oranges only)
           cache_dir: Path|None = None,  # where the synthetic photos are kept between runs (None: drawn each time)
+          precision: str = "auto",  # float32 | bfloat16 (computed in bfloat16) | auto: bfloat16 where `bfloat16_native()`; the saved model is float32
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
+    if precision not in (*PRECISIONS, "auto"): raise ValueError(f"precision {precision!r}: expected {', '.join(PRECISIONS)} or auto")
+    precision = ("bfloat16" if bfloat16_native() else "float32") if precision == "auto" else precision
     keras.utils.set_random_seed(seed)
     info, model_path, small = split_info(split_dir), Path(model_path), model_kind != "lab"  # small and mobilenet: the tiny-data recipe
     min_steps = (200 if small else 0) if min_steps is None else min_steps
@@ -184,7 +203,7 @@ def train(split_dir: Path,  # the split written by preprocess
     n_extra = 0 if extra is None else len(extra[1])
     steps = _steps(len(info["splits"]["train"]) + n_extra, batch_size, epochs, min_steps)
     lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps * epochs, alpha=0.1) if (small if schedule is None else schedule) else learning_rate
-    model = build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour)
+    model = build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour, precision)
     model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     _build_state(model, info["image_size"])
     y = np.concatenate([np.load(Path(split_dir)/"y.npy")[info["splits"]["train"]], [] if extra is None else extra[1]])
@@ -197,6 +216,12 @@ def train(split_dir: Path,  # the split written by preprocess
     hist = model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2,
                      batch_size=batch_size, shuffle=False, validation_data=load_split(split_dir, "val", batch_size) if has_val else None,
                      class_weight=weights, callbacks=stop).history
+    if precision != "float32":  # saved in float32, so that it predicts alike on every machine, with or without bfloat16
+        trained, model = model, build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour)
+        model.set_weights(trained.get_weights())  # its weights were float32 all along
+        model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+        model.optimizer.build(model.trainable_variables)
+        for v, w in zip(model.optimizer.variables, trained.optimizer.variables, strict=True): v.assign(w)  # its state too, as float32 training saves it
     model_path.parent.mkdir(parents=True, exist_ok=True)
     model.save(model_path)
     weights_path = model_path.with_suffix(".weights.h5")
@@ -204,13 +229,13 @@ def train(split_dir: Path,  # the split written by preprocess
     (meta_path := model_path.with_suffix(".json")).write_text(json.dumps({k: info[k] for k in ("classes", "image_size")}))
     best = (min_epochs + int(np.argmin(hist["val_loss"][min_epochs:]))) if has_val and len(hist["loss"]) > min_epochs else len(hist["loss"]) - 1
     return dict(model_path=str(model_path), weights_path=str(weights_path), meta_path=str(meta_path),
-                epochs_run=len(hist["loss"]), best_epoch=best + 1, steps_per_epoch=steps, n_params=int(model.count_params()), n_synthetic=n_extra,
+                epochs_run=len(hist["loss"]), best_epoch=best + 1, steps_per_epoch=steps, precision=precision, n_params=int(model.count_params()), n_synthetic=n_extra,
                 **{k: float(v[best]) for k, v in hist.items() if k != "learning_rate"})
 
 # %% ../nbs/03_train.ipynb #33ef92af
 def warm_up():
     "Build, compile and set up a tiny model, then clear Keras' session: what a process pays at its first model is paid before a run's `train`."
-    m = build_model("small", 32, 2, 4)
+    m = build_model("small", 32, 2, 4, precision="bfloat16" if bfloat16_native() else "float32")  # as `train` will
     m.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     _build_state(m, 32)
     keras.backend.clear_session()
