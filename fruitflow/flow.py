@@ -655,8 +655,9 @@ def data_dir(workdir: Path) -> Path:
     return Path(workdir).resolve()/"data"
 
 def cache_dir(workdir: Path) -> Path:
-    "Where steps keep what they can make again but would rather not (the synthetic photos train mixes in): `data/.cache` of the work folder."
-    return data_dir(workdir)/".cache"
+    "Where steps keep what they can make again but would rather not (the synthetic photos train mixes in): `synthetic/` in `user_cache()`, shared by work folders; `data/.cache` of `workdir` when there is no home folder for it."
+    try: return user_cache()/"synthetic"
+    except RuntimeError: return data_dir(workdir)/".cache"  # Path.home() found none
 
 def _step_params(step: str, cfg: Config, run_dir: Path, got: dict) -> dict:
     "The parameters of `step`, from the config and what earlier steps glued."
