@@ -28,7 +28,9 @@ Issue 6, benchmark 1. All sides get the same images, the lab's 19 photos (`DIR`,
       goes to (d) and (e)).
 
 MLFLOW_* and PREFECT_* are removed from every subprocess's environment, so (b) uses the embedded defaults and
-(c), (h), (d) and (e) find the servers only through `fruitflow up`'s pid files. Every side downloads the images afresh: the lab
+(c), (h), (d) and (e) find the servers only through `fruitflow up`'s pid files. (f), (b) and (g) share a fruitflow
+cache of their own (`FRUITFLOW_CACHE`), empty before (f); (c), (h), (d) and (e) use this machine's, as a user's runs
+do: the synthetic photos train mixes in are drawn by the first run that needs them and read back by the next. Every side downloads the images afresh: the lab
 script wipes its dataset/, (b) has a fresh folder, data/ is removed before each of (c), (h), (d) and (e). fruitflow runs its
 defaults (96 px, batch 8, the `small` model, which trains at least 200 steps whatever the set's size; the
 lab's model trains 2 steps an epoch), so "same epochs" is not "same training work": `--model lab` narrows that.

@@ -14,7 +14,7 @@ from mlflow.types import ColSpec, Schema
 from .core import load_image, to_array
 
 # %% auto #0
-__all__ = ['signature', 'FruitModel', 'warm_up', 'predict']
+__all__ = ['MODEL_CODE', 'signature', 'FruitModel', 'warm_up', 'model_code', 'predict']
 
 # %% ../nbs/06_predict.ipynb #90aa486d
 def _as_bytes(v) -> bytes:
@@ -44,6 +44,17 @@ def warm_up():
     "Build MLflow's map of installed packages to their modules, which the first `log_model` of a process builds to check the model's pinned requirements."
     from mlflow.utils.requirements_utils import _init_packages_to_modules_map  # MLflow's, private: without it a kernel only loses this head start
     _init_packages_to_modules_map()
+
+# %% ../nbs/06_predict.ipynb #6caecfc2
+MODEL_CODE = ("__init__.py", "core.py", "predict.py")  # the modules of `fruitflow` that loading the pyfunc imports
+
+def model_code(dest: Path) -> str:
+    "Copy the modules of `MODEL_CODE` into `dest`/fruitflow, a package of their own: the folder `log_model` takes in `code_paths`."
+    import importlib.util, shutil
+    src, out = Path(importlib.util.find_spec("fruitflow").origin).parent, Path(dest)/"fruitflow"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in MODEL_CODE: shutil.copy2(src/f, out/f)
+    return str(out)
 
 # %% ../nbs/06_predict.ipynb #8b58dcad
 def predict(images: list,  # paths or bytes of image files

@@ -1,5 +1,5 @@
 "The whole pipeline, run for real: Prefect server, papermill kernels, MLflow store, HTTP downloads."
-import contextlib, json, re, sqlite3, urllib.request
+import contextlib, json, re, sqlite3, urllib.parse, urllib.request
 import nbformat
 from pathlib import Path
 import pytest
@@ -26,6 +26,9 @@ def check_complete_run(wd: Path, run, epochs: int):
     assert [f"notebooks/{s}.ipynb" for s in STEPS] == sorted(a for a in arts if a.startswith("notebooks/"))
     mv = c.get_model_version("fruitflow", run.data.tags["registered_version"])
     assert mv.tags["run_id"] == run.info.run_id and mv.aliases, mv
+    assert run.data.params["precision"] in ("float32", "bfloat16")  # as train resolved "auto" on this machine
+    code = Path(urllib.parse.urlparse(c.get_logged_model(mv.source.removeprefix("models:/")).artifact_location).path)/"code"/"fruitflow"
+    assert sorted(p.name for p in code.iterdir()) == ["__init__.py", "core.py", "predict.py"]  # the code the model loads, not the whole package
     run_dir = Path(run.data.tags["run_dir"])
     assert all((run_dir/f"{s}.ipynb").exists() for s in STEPS)
     log = (run_dir/"kernels.log").read_text()  # every step ran in the kernel started ahead and shared (the default), whose output is kept here
