@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_flow.ipynb #2362e6f9
 from __future__ import annotations
-import contextlib, contextvars, datetime, gc, hashlib, json, os, re, shutil, sqlite3, sys, threading, time
+import contextlib, contextvars, datetime, functools, gc, hashlib, json, os, re, shutil, sqlite3, sys, threading, time
 from pathlib import Path
 from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,12 +14,12 @@ from .prefect_app import PARENT
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'SHARED',
-           'EXIT_AT_ONCE', 'STATE', 'SERVER_ENV', 'REGISTER_BLOCKS', 'MLFLOW_CLEAR', 'PENDING', 'Config', 'nbs_dir',
-           'check_params', 'step_notebook', 'StepFailed', 'one_line', 'run_notebook', 'Kernels', 'ResumeError',
-           'step_key', 'load_state', 'resumable', 'user_cache', 'prefect_collections', 'prefect_template',
-           'mlflow_template', 'seed_db', 'keep_template', 'prefect_server_command', 'TemporaryPrefectServer',
-           'unreachable', 'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle', 'flow_settings',
-           'pipeline']
+           'SAVE_EVERY', 'EXIT_AT_ONCE', 'STATE', 'SERVER_ENV', 'REGISTER_BLOCKS', 'MLFLOW_CLEAR', 'PENDING', 'Config',
+           'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'one_line', 'run_notebook', 'Kernels',
+           'ResumeError', 'step_key', 'load_state', 'resumable', 'user_cache', 'prefect_collections',
+           'prefect_template', 'mlflow_template', 'seed_db', 'keep_template', 'prefect_server_command',
+           'TemporaryPrefectServer', 'unreachable', 'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle',
+           'flow_settings', 'pipeline']
 
 # %% ../nbs/10_flow.ipynb #c53b1018
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -199,7 +199,7 @@ def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, time
     def execute():
         _own_event_loop()
         pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(workdir), progress_bar=False,
-                            stdout_file=echo, execution_timeout=timeout, km=km)
+                            stdout_file=echo, execution_timeout=timeout, km=km, engine_name=_engine())
     # papermill runs in a thread of its own: nbclient then installs no SIGINT/SIGTERM handler (which, on SIGTERM, could leave
     # the kernel running and the step waiting for it), and an interrupt reaches this thread, which kills the kernel
     runner = ThreadPoolExecutor(1, thread_name_prefix=f"fruitflow-{step}")
@@ -221,6 +221,37 @@ def run_notebook(step: str, params: dict, run_dir: Path, tracking_uri: str, time
     scraps = {k: s.data for k, s in sb.read_notebook(str(out)).scraps.items()}
     if not_logged: raise StepFailed(step, out, not_logged, scraps)  # a step is done when its record is; what it did may need undoing
     return scraps
+
+# %% ../nbs/10_flow.ipynb #fc8fb48a
+SAVE_EVERY = 1.0  # seconds between writes of an executing notebook at its cells' starts and ends
+
+@functools.cache
+def _engine() -> str:
+    "Register papermill's nbclient engine with a notebook manager that writes at a cell's start or end only every `SAVE_EVERY` seconds: its name, for `engine_name`."
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+    class Manager(NotebookExecutionManager):
+        in_cell = False  # inside `cell_start` or `cell_complete`
+        def save(self, **kw):
+            if not self.in_cell or (self.now() - self.last_save_time).total_seconds() >= SAVE_EVERY: super().save(**kw)
+        def cell_start(self, *a, **kw): self._quietly(super().cell_start, *a, **kw)
+        def cell_complete(self, *a, **kw): self._quietly(super().cell_complete, *a, **kw)
+        def _quietly(self, f, *a, **kw):
+            self.in_cell = True
+            try: f(*a, **kw)
+            finally: self.in_cell = False
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False, autosave_cell_every=30, **kw):
+            "papermill's `Engine.execute_notebook` (2.7), with `Manager`."
+            nb_man = Manager(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output, autosave_cell_every=autosave_cell_every)
+            nb_man.notebook_start()
+            try: cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kw)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+    papermill_engines.register("fruitflow", Engine)
+    return "fruitflow"
 
 # %% ../nbs/10_flow.ipynb #25e9af94
 _PARSING = threading.Lock()  # CPython 3.11 keeps the AST builder's depth per interpreter: two threads parsing at once can fail (gh-106905)

@@ -71,8 +71,11 @@ def test_cold_runs_start_prefect_from_a_kept_database(tmp_path):
         check_complete_run(wd, run, epochs=1)
         assert run.data.tags["prefect.flow_run_id"]
         assert ("kept Prefect's migrated, empty database in" in p.stdout) == (name == "first"), p.stdout  # said once, when kept
+        (drawn,) = (cache/"synthetic").iterdir()  # the synthetic photos train mixes in, kept for any work folder: no part file left
+        if name == "first": drawn_at = drawn.stat().st_mtime_ns
+    assert drawn.stat().st_mtime_ns == drawn_at  # the second work folder read them back
     (template,), (store,) = cache.glob("prefect-*.db"), cache.glob("mlflow-*.db")  # MLflow's empty store is kept too (see `flow.mlflow_client`)
-    assert sorted(cache.iterdir()) == sorted([template, store])  # no part file left
+    assert sorted(cache.iterdir()) == sorted([template, store, cache/"synthetic"])  # no part file left
     def contents(db: Path) -> tuple[set, int, str]:
         with contextlib.closing(sqlite3.connect(db)) as c:
             return ({i for (i,) in c.execute("select id from block_schema")}, c.execute("select count(*) from flow_run").fetchone()[0],
