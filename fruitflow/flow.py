@@ -14,9 +14,9 @@ from .prefect_app import PARENT
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'SHARED',
-           'SAVE_EVERY', 'EXIT_AT_ONCE', 'STATE', 'SERVER_ENV', 'REGISTER_BLOCKS', 'MLFLOW_CLEAR', 'PENDING', 'Config',
-           'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'one_line', 'run_notebook', 'Kernels',
-           'ResumeError', 'step_key', 'load_state', 'resumable', 'user_cache', 'prefect_collections',
+           'SAVE_EVERY', 'EXIT_AT_ONCE', 'STATE', 'SERVER_ENV', 'REGISTER_BLOCKS', 'MEMOIZE_BLOCKS', 'MLFLOW_CLEAR',
+           'PENDING', 'Config', 'nbs_dir', 'check_params', 'step_notebook', 'StepFailed', 'one_line', 'run_notebook',
+           'Kernels', 'ResumeError', 'step_key', 'load_state', 'resumable', 'user_cache', 'prefect_collections',
            'prefect_template', 'mlflow_template', 'seed_db', 'keep_template', 'prefect_server_command',
            'TemporaryPrefectServer', 'unreachable', 'mlflow_client', 'data_dir', 'cache_dir', 'TrackingLost', 'settle',
            'flow_settings', 'pipeline']
@@ -552,6 +552,7 @@ def _default_prefect_db() -> Path|None:
 
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # what Prefect sets for its temporary server
 REGISTER_BLOCKS = ("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "PREFECT_API_BLOCKS_REGISTER_ON_START")  # the setting's names in Prefect 3.9
+MEMOIZE_BLOCKS = "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION"  # whether a server checks if the block types changed before registering them
 
 def prefect_server_command(port: int) -> list[str]:
     "The command Prefect 3.9's `SubprocessASGIServer` runs for its temporary server on `port` (127.0.0.1 only), serving Prefect's app through `prefect_app.create_app`."
@@ -576,6 +577,7 @@ class TemporaryPrefectServer:
         self.env = os.environ | SERVER_ENV | s.to_environment_variables(exclude_unset=True)  # as Prefect passes them
         if seeded and not any(k in self.env for k in REGISTER_BLOCKS):  # the copy holds the block types of this Prefect and its collections
             self.env[REGISTER_BLOCKS[0]] = "false"  # registering them again took 0.55 s a start
+            self.env[MEMOIZE_BLOCKS] = "false"  # and checking whether to (collections imported, the registry hashed) 0.25-0.65 s more
         self.env["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"  # its console is a log file, not this process's
         self.env[PARENT] = str(os.getpid())  # it stops once this process is gone
         self.log = Path(s.home)/"temporary-server.log"  # its messages, not on the console

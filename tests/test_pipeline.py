@@ -84,6 +84,7 @@ def test_cold_runs_start_prefect_from_a_kept_database(tmp_path):
     assert kept and n_kept == 0  # Prefect's block types, no run
     assert first == kept == second  # ids a fresh database draws at random: the second home's came from the copy
     assert t_second == t_kept  # and its server did not register them again (that rewrites each block type's `updated`)
+    assert [(tmp_path/h/"prefect_home/memo_store.toml").exists() for h in ("first", "second")] == [True, False]  # nor check whether to
     assert n_first == n_second == 1  # each home holds its own run
     with contextlib.closing(sqlite3.connect(tmp_path/"second/prefect_home/prefect.db")) as c:  # the run's record reached the server before it stopped
         assert c.execute("select state_type from flow_run").fetchall() == [("COMPLETED",)]
