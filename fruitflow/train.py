@@ -130,6 +130,7 @@ def build_model(kind: str = "small",  # small | lab | mobilenet
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # precision: Keras' dtype policy
 
 def _build(kind, image_size, n_classes, width, seed, colour):
+    "`build_model`'s layers, each under Keras' dtype policy of the moment but the softmax (float32)."
     inputs = keras.Input((image_size, image_size, 3))
     if kind == "lab":
         x = layers.Rescaling(1 / 255)(inputs)
