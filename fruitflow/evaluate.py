@@ -50,8 +50,8 @@ def evaluate(split_dir: Path,  # the split written by preprocess
     probs = model.predict(ds, verbose=0)  # one pass: `model.evaluate` would trace and run the model again for the same figures
     y = np.concatenate([b[1].numpy() for b in ds])
     loss = float(np.mean(keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y, probs))))  # the loss train compiled
-    acc = float(np.mean(probs.argmax(1) == y))
-    per_class, cm = class_metrics(y, probs.argmax(1), info["classes"])
+    acc = float(np.mean((pred := probs.argmax(1)) == y))
+    per_class, cm = class_metrics(y, pred, info["classes"])
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = dict(test_loss=float(loss), test_accuracy=float(acc), n_test=int(len(y)), **per_class)
     (out_dir/"metrics.json").write_text(json.dumps(metrics, indent=1))
