@@ -4,46 +4,17 @@
 
 # %% ../nbs/11_cli.ipynb #a31c675a
 from __future__ import annotations
-import argparse, importlib, importlib.util, os, signal, sys
+import argparse, os, signal, sys
 from pathlib import Path
-from .flow import Config, PREFECT_HOME, STEPS, one_line
+from .config import STEPS, Config, ConfigError, checked, data_options, error_log, one_line
 
 # %% auto #0
-__all__ = ['KEEP_ON_RESUME', 'ADDED_LATER', 'COMMAND_MODULES', 'env_defaults', 'resume_config', 'run', 'data_options', 'parser',
-           'config', 'main']
-
-# %% ../nbs/11_cli.ipynb #18a9de9c
-def env_defaults(workdir: Path):
-    "Set fruitflow's defaults for Prefect, TensorFlow and MLflow where the user set nothing; servers `fruitflow up` started over `workdir` are used."
-    from fruitflow.servers import env_from_servers
-    for k, v in {**env_from_servers(workdir),  # PREFECT_API_URL, MLFLOW_TRACKING_URI of running dashboards
-                 "PREFECT_HOME": str(Path(workdir).resolve()/PREFECT_HOME),
-                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # the console gets fruitflow's lines; the API everything
-                 "MLFLOW_LOGGING_LEVEL": "WARNING",
-                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # fruitflow prints the run once
-                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # a lost tracking server fails a step within ~10 s a call, not minutes
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                 "MLFLOW_DISABLE_TELEMETRY": "true",  # offline by default; its thread also races MLflow's requests over os.environ
-                 "TF_CPP_MIN_LOG_LEVEL": "2"}.items():
-        os.environ.setdefault(k, v)
-
-def _sigterm(signum, frame): raise KeyboardInterrupt(signal.Signals(signum).name)
-
-def _error_log(workdir: Path, e: BaseException) -> Path:
-    "Write `e`'s traceback to the work folder's `.fruitflow/error.log`; its path."
-    import traceback
-    log = Path(workdir).resolve()/".fruitflow"/"error.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("".join(traceback.format_exception(e)))
-    return log
+__all__ = ['run', 'parser', 'config', 'main']
 
 # %% ../nbs/11_cli.ipynb #8553be0c
 def _preflight(cfg: Config) -> str|None:
     "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
-    from fruitflow.flow import unreachable
+    from fruitflow.tracking import unreachable
     if cfg.model_kind == "mobilenet":
         from fruitflow.core import pretrained_weights
         try: pretrained_weights(cfg.image_size)
@@ -55,25 +26,13 @@ def _preflight(cfg: Config) -> str|None:
     if api and (why := unreachable(api)):
         return f"the Prefect server at {api} is unreachable ({why}): start it (fruitflow up) or unset PREFECT_API_URL"
 
-KEEP_ON_RESUME = ("step_timeout", "kernels_ahead", "kernel_per_step", "workdir", "tracking_uri", "resume", "from_step", "only")  # what a resumed run may change
-ADDED_LATER = {"synthetic": 0}  # options newer than some runs: what a run that stored none of them did
-
-def resume_config(cfg: Config) -> Config:
-    "The options the run to resume started with, plus this call's resume options; any other change is an error."
-    from pydantic import ValidationError
-    from fruitflow.flow import ResumeError, load_state, resumable
-    run_dir = resumable(cfg.workdir, cfg.resume or "latest")
-    stored, now, default = ADDED_LATER | load_state(run_dir)["config"], cfg.model_dump(mode="json"), Config().model_dump(mode="json")
-    changed = [k for k in now if k not in KEEP_ON_RESUME and now[k] != default[k] and now[k] != stored.get(k)]
-    if changed: raise ResumeError(f"{run_dir.name} continues with the options it started with; start a new run to change {', '.join('--' + k.replace('_', '-') for k in changed)}")
-    try: return Config(**stored | {k: now[k] for k in KEEP_ON_RESUME if now[k] != default[k]} | {"resume": str(run_dir)})
-    except ValidationError as e: raise ResumeError(f"{run_dir.name} cannot be resumed: {e.errors()[0]['msg']}") from None
-
 def run(args) -> int:
     "`fruitflow run`: one pipeline execution, or the rest of one with --resume, --from or --only."
+    from fruitflow import notebooks
+    from fruitflow.servers import TemporaryPrefectServer, env_defaults, quiet_heartbeats
+    from fruitflow.state import ResumeError, resume_config
     cfg = config(args)
     if cfg.resume or cfg.from_step or cfg.only:
-        from fruitflow.flow import ResumeError
         try: cfg = resume_config(cfg)
         except ResumeError as e:
             print(f"fruitflow run: error: {e}", file=sys.stderr)
@@ -83,22 +42,32 @@ def run(args) -> int:
     if why := _preflight(cfg):
         print(f"fruitflow run: {why}", file=sys.stderr)
         return 1
-    from fruitflow.flow import pipeline, settle, StepFailed, ResumeError, TrackingLost
-    for line in settle(cfg.workdir): print(line)  # endings kept while a server was away
-    signal.signal(signal.SIGTERM, _sigterm)
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
-        signal.signal(signal.SIGHUP, _sigterm)  # a closed terminal ends the run with its status, as SIGTERM does; nohup's ignored SIGHUP stays ignored
-    try: got = pipeline(cfg)
-    except (StepFailed, ResumeError, TrackingLost) as e:
+    kernel = None if cfg.kernel_per_step else notebooks.start_ahead(cfg.workdir)  # its imports overlap Prefect's
+    server = None if os.environ.get("PREFECT_API_URL") else TemporaryPrefectServer(Path(os.environ["PREFECT_HOME"]))
+    if server: os.environ["PREFECT_API_URL"] = server.url  # before Prefect reads its settings, at import
+    try:
+        from fruitflow.tracking import mlflow_client
+        mlflow_client(cfg.resolved_tracking_uri())  # a new embedded store is made (migrated) while the server and the kernel start
+        from prefect.settings import temporary_settings
+        from fruitflow.flow import pipeline
+        from fruitflow.notebooks import StepFailed
+        from fruitflow.tracking import TrackingLost, interrupt_on_signals, settle
+        for line in settle(cfg.workdir): print(line)  # endings kept while a server was away
+        interrupt_on_signals()
+        if server: os.environ["PREFECT_API_URL"] = server.wait()  # a new URL if it had to start again on another port
+        with temporary_settings(updates={"api.url": os.environ["PREFECT_API_URL"]}), quiet_heartbeats():
+            got = pipeline(**cfg.model_dump(mode="json"))
+    except (StepFailed, ResumeError, TrackingLost, ConfigError) as e:
         print(f"fruitflow run: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fruitflow run: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130
     except Exception as e:  # not a step's failure: Prefect or MLflow themselves; the details go to a log
-        log = _error_log(cfg.workdir, e)
-        print(f"fruitflow run: error: {one_line(e)} (details in {log})", file=sys.stderr)
+        print(f"fruitflow run: error: {one_line(e)} (details in {error_log(cfg.workdir, e)})", file=sys.stderr)
         return 1
+    finally:
+        if kernel: kernel.stop(now=True)  # stopped already, unless the flow never took it
     if "version" not in got:
         print(f"MLflow run {got['run_id']}: step '{cfg.only}' done; later steps not rerun, so the run is marked KILLED")
         return 0
@@ -107,30 +76,15 @@ def run(args) -> int:
     return 0
 
 # %% ../nbs/11_cli.ipynb #d1302da9
-COMMAND_MODULES = ("fruitflow.servers", "fruitflow.screenshots", "fruitflow.serve", "fruitflow.sweep", "fruitflow.report")  # each adds its commands with `add_parsers(sub)`
-
 class _Parser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line."
     def error(self, message):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
-def data_options(p: argparse.ArgumentParser):
-    "Add the options `run` shares with other commands (`sweep`): data, model, registry, limits, work folder."
-    p.add_argument("--source", default="auto", help="auto (default: the lab's images, else synthetic), github, synthetic, a folder with one sub-folder per class, or a .zip/.tar.gz path or URL")
-    p.add_argument("--batch-size", type=int, default=8, help="images per training step (default 8)")
-    p.add_argument("--model", dest="model_kind", default="small", help="small (default CNN), lab (the lab's architecture) or mobilenet (pretrained MobileNetV2: its weights must be on this machine)")
-    p.add_argument("--seed", type=int, default=42, help="seed of data, split and training (default 42)")
-    p.add_argument("--n-per-class", type=int, default=10, help="lab images (N = 1..n) or synthetic images per class (default 10)")
-    p.add_argument("--experiment", default="fruitflow", help="MLflow experiment (default fruitflow)")
-    p.add_argument("--model-name", default="fruitflow", help="registered model name (default fruitflow)")
-    p.add_argument("--min-accuracy", type=float, default=0.5, help="lowest test accuracy of a champion (default 0.5)")
-    p.add_argument("--base-url", default=Config.model_fields["base_url"].default, help="where the lab's images are")
-    p.add_argument("--step-timeout", type=int, default=3600, help="seconds one notebook cell may run (default 3600)")
-    p.add_argument("--workdir", default=".", help="folder of data/, runs/, mlflow.db, mlartifacts/ (default: here)")
-
 def parser() -> argparse.ArgumentParser:
     "The `fruitflow` command line."
+    from fruitflow import report, screenshots, serve, servers, sweep  # each adds its commands with `add_parsers(sub)`
     p = _Parser(prog="fruitflow", description="A notebook-first ML pipeline: Prefect runs the step notebooks, MLflow tracks them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run the pipeline once (download → preprocess → train → evaluate → register)")
@@ -143,24 +97,17 @@ def parser() -> argparse.ArgumentParser:
                    help="continue a run (default: the latest; or its folder, or the start of its MLflow run id): unchanged steps are reused")
     r.add_argument("--from", dest="from_step", default="", choices=STEPS, help="resume, rerunning from this step on")
     r.add_argument("--only", default="", choices=STEPS, help="resume, rerunning only this step")
-    r.add_argument("--kernels-ahead", type=int, default=len(STEPS) - 1,
-                   help="later steps whose kernel starts, and imports their modules, ahead of them (default 4: all; 0: each step's kernel starts with it, and stops after it)")
     r.add_argument("--kernel-per-step", action="store_true",
-                   help="run each step in a Jupyter kernel of its own (default: the steps share one, which imports each module once and clears the names of one step before the next)")
+                   help="run each step in a Jupyter kernel of its own, started by papermill (default: the steps share one, started ahead, which imports each module once and clears the names of one step before the next)")
     r.set_defaults(func=run)
-    for m in COMMAND_MODULES:
-        if importlib.util.find_spec(m): importlib.import_module(m).add_parsers(sub)
+    for m in (servers, screenshots, serve, sweep, report): m.add_parsers(sub)
     return p
 
 def config(args: argparse.Namespace) -> Config:
     "The run's `Config` from parsed options; a bad value exits with one line and code 2."
-    from pydantic import ValidationError
-    opts = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
-    try: return Config(**opts)
-    except ValidationError as e:
-        err = e.errors()[0]
-        opt = {"model_kind": "model"}.get(err["loc"][0], str(err["loc"][0]).replace("_", "-"))  # the option's name, not the field's
-        print(f"fruitflow {args.command}: error: --{opt}: {err['msg'].removeprefix('Value error, ')} (see fruitflow {args.command} --help)", file=sys.stderr)
+    try: return checked(**{k: v for k, v in vars(args).items() if k not in ("command", "func")})
+    except ConfigError as e:
+        print(f"fruitflow {args.command}: error: {e} (see fruitflow {args.command} --help)", file=sys.stderr)
         sys.exit(2)
 
 # %% ../nbs/11_cli.ipynb #b5c8069e
@@ -170,7 +117,7 @@ def _stacks_on_signal():
     if hasattr(signal, "SIGUSR1"): faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 def main(argv: list[str]|None = None) -> int:
-    "The `fruitflow` command, in this process (the console script, `fruitflow.driver.main`, first offers a `run` to the warm driver `fruitflow up` keeps)."
+    "The `fruitflow` command."
     _stacks_on_signal()
     args = parser().parse_args(argv)
     return args.func(args)

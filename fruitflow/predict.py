@@ -14,7 +14,7 @@ from mlflow.types import ColSpec, Schema
 from .core import load_image, to_array
 
 # %% auto #0
-__all__ = ['MODEL_CODE', 'signature', 'FruitModel', 'warm_up', 'model_code', 'predict']
+__all__ = ['MODEL_CODE', 'signature', 'FruitModel', 'model_code', 'predict']
 
 # %% ../nbs/06_predict.ipynb #90aa486d
 def _as_bytes(v) -> bytes:
@@ -38,12 +38,6 @@ class FruitModel(mlflow.pyfunc.PythonModel):
         x = np.stack([to_array(load_image(_as_bytes(v), name=f"image {i}", size=self.image_size), self.image_size) for i, v in enumerate(model_input["image"])])
         p = self.model.predict(x.astype("float32"), verbose=0)
         return pd.DataFrame({"label": [self.classes[i] for i in p.argmax(1)], **{f"p_{c}": p[:, i].astype(float) for i, c in enumerate(self.classes)}})
-
-# %% ../nbs/06_predict.ipynb #2261d004
-def warm_up():
-    "Build MLflow's map of installed packages to their modules, which the first `log_model` of a process builds to check the model's pinned requirements."
-    from mlflow.utils.requirements_utils import _init_packages_to_modules_map  # MLflow's, private: without it a kernel only loses this head start
-    _init_packages_to_modules_map()
 
 # %% ../nbs/06_predict.ipynb #6caecfc2
 MODEL_CODE = ("__init__.py", "core.py", "predict.py")  # the modules of `fruitflow` that loading the pyfunc imports

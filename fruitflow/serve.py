@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, contextlib, email.parser, email.policy, json, logging, os, re, sys, threading
 from pathlib import Path
 from .core import ImageError, MAX_PIXELS, MIN_SIDE, load_image
-from .flow import TRACKING_DB
+from .config import TRACKING_DB
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'MAX_BODY_BYTES', 'registry_uri', 'ModelError', 'load_model', 'label_files', 'predict_cmd',

@@ -8,7 +8,7 @@ import contextlib, contextvars, datetime, importlib, inspect, itertools, json, o
 from pathlib import Path
 from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
-from .flow import Config, one_line
+from .config import NOTEBOOKS, Config, cache_dir, data_dir, data_options, error_log, one_line
 
 # %% auto #0
 __all__ = ['THREADS', 'PARAMS', 'Space', 'SweepConfig', 'points', 'task_runner', 'best', 'SweepFailed', 'sweep', 'sweep_config',
@@ -73,20 +73,16 @@ def _where() -> dict:
 def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent_id: str, experiment_id: str, uri: str) -> dict:
     "Train and evaluate one point of the space in a nested MLflow run; its metrics, or its error."
     from mlflow import MlflowClient
-    from fruitflow.flow import Kernels, run_notebook, StepFailed, _close, cache_dir
+    from fruitflow.notebooks import Kernel, StepFailed, execute
+    from fruitflow.tracking import finish, notebook_recorder
     client, name = MlflowClient(uri), f"trial-{i:02d}"
     rid = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "trial": str(i), **_where()}).info.run_id
     tdir, workdir = Path(run_dir)/name, Path(run.workdir).resolve()
     tdir.mkdir(parents=True)
     track, status, tags, what = dict(mlflow_run_id=rid, tracking_uri=uri), "FAILED", {}, f"{name} failed"
     print(f"[{name}] start: " + ", ".join(f"{k}={v}" for k, v in point.items()), flush=True)
-    kernels = Kernels(workdir, tdir/"kernels.log", shared=not run.kernel_per_step)  # train and evaluate share a kernel, as a run's steps do
-    if run.kernels_ahead: kernels.start("train", "evaluate")
-    def step(s: str, params: dict) -> dict:
-        km, ok = kernels.take(s, run.step_timeout), False
-        try: got, ok = run_notebook(s, params | track, tdir, uri, run.step_timeout, workdir, km), True
-        finally: kernels.done(km, now=not ok)
-        return got
+    kernel = None if run.kernel_per_step else Kernel(workdir, tdir/"kernels.log", steps=("train", "evaluate"))  # shared, as a run's steps do
+    def step(s: str, params: dict) -> dict: return execute(s, params | track, tdir, workdir, kernel, run.step_timeout, record=notebook_recorder(client, rid, uri))
     try:
         client.log_param(rid, "image_size", point["image_size"])
         got = step("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"), model_kind=run.model_kind, batch_size=run.batch_size,
@@ -107,8 +103,8 @@ def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, paren
         status, what = "KILLED", f"{name} was interrupted"
         raise
     finally:
-        kernels.close()
-        _close(client, dict(run_id=rid, tracking_uri=uri, status=status, tags=tags, undo={}), tdir, what)  # with the server gone: kept for `settle`
+        if kernel: kernel.stop(now=status != "FINISHED")
+        finish(client, dict(run_id=rid, tracking_uri=uri, status=status, tags=tags, undo={}), tdir, what)  # with the server gone: kept for `settle`
 
 # %% ../nbs/15_sweep.ipynb #344d0af0
 def _score(r: dict) -> tuple:
@@ -127,10 +123,10 @@ class SweepFailed(RuntimeError):
 # %% ../nbs/15_sweep.ipynb #e8ea449e
 def _preprocess(size: int, run: Config, run_dir: str, uri: str) -> dict:
     "Preprocess the downloaded images at `size` pixels into `run_dir/data-<size>/split`."
-    from fruitflow.flow import run_notebook
+    from fruitflow.notebooks import execute
     d = Path(run_dir)/f"data-{size}"; d.mkdir(parents=True, exist_ok=True)
     params = dict(manifest_path=str(Path(run_dir)/"manifest.csv"), out_dir=str(d/"split"), image_size=size, seed=run.seed)
-    return run_notebook("preprocess", params, d, uri, run.step_timeout, Path(run.workdir).resolve())
+    return execute("preprocess", params, d, Path(run.workdir).resolve(), None, run.step_timeout)
 
 def _sweep(cfg: SweepConfig) -> dict:
     "Download, preprocess per image size, run the trials in parallel, register the best; see `sweep`."
@@ -138,10 +134,11 @@ def _sweep(cfg: SweepConfig) -> dict:
     from mlflow import MlflowClient
     from prefect import task, runtime
     from prefect.cache_policies import NO_CACHE
-    from fruitflow.flow import _close, _experiment, _step_params, mlflow_client, run_notebook, NOTEBOOKS
+    from fruitflow.notebooks import execute
+    from fruitflow.tracking import experiment_id, finish, mlflow_client, notebook_recorder
     from fruitflow.register import register
     run, todo = cfg.run, points(cfg.space, cfg.strategy, cfg.trials, cfg.run.seed)
-    uri = run.resolved_tracking_uri(); client = mlflow_client(uri); exp = _experiment(client, run, uri)
+    uri = run.resolved_tracking_uri(); client = mlflow_client(uri); exp = experiment_id(client, run, uri)
     pid = client.create_run(exp, run_name=f"sweep-{runtime.flow_run.name or 'fruitflow'}",
                             tags={"prefect.flow_run_id": str(runtime.flow_run.id or ""), "source": run.source, "sweep": "true", **_where()}).info.run_id
     run_dir = Path(run.workdir).resolve()/"runs"/f"{datetime.datetime.now():%Y%m%d-%H%M%S}-sweep-{pid[:8]}"
@@ -153,8 +150,10 @@ def _sweep(cfg: SweepConfig) -> dict:
     print(f"MLflow run {pid} ({uri}), {len(todo)} trials ({cfg.strategy}), notebooks in {run_dir}", flush=True)
     status, what, tags, t0 = "FAILED", "the sweep failed", {}, time.monotonic()
     try:
-        got = task(run_notebook, name="download", cache_policy=NO_CACHE)(
-            "download", _step_params("download", run, run_dir, {}) | dict(mlflow_run_id=pid, tracking_uri=uri), run_dir, uri, run.step_timeout, Path(run.workdir).resolve())
+        params = dict(source=run.source, data_root=str(data_dir(run.workdir)), manifest_path=str(run_dir/"manifest.csv"), base_url=run.base_url,
+                      n_per_class=run.n_per_class, seed=run.seed, mlflow_run_id=pid, tracking_uri=uri)
+        got = task(execute, name="download", cache_policy=NO_CACHE)("download", params, run_dir, Path(run.workdir).resolve(), None, run.step_timeout,
+                                                                    record=notebook_recorder(client, pid, uri))
         print(f"download done in {time.monotonic() - t0:.1f} s", flush=True)
         sizes = sorted({p["image_size"] for p in todo})
         prep = task(_preprocess, name="preprocess", task_run_name="preprocess-{size}", cache_policy=NO_CACHE)
@@ -186,27 +185,22 @@ def _sweep(cfg: SweepConfig) -> dict:
     except (KeyboardInterrupt, SystemExit):
         status, what = "KILLED", "the sweep was interrupted"
         raise
-    finally: _close(client, dict(run_id=pid, tracking_uri=uri, status=status, tags=tags, undo={}), run_dir, what)  # with the server gone: kept for `settle`
-
-def _one_api():
-    "Make Prefect's API one server's for the whole sweep: `PREFECT_API_URL`'s, or else the temporary server started here (it becomes `PREFECT_API_URL`, which Dask's workers inherit)."
-    from prefect.settings import PREFECT_API_URL
-    if PREFECT_API_URL.value(): return
-    from fruitflow.flow import TemporaryPrefectServer
-    TemporaryPrefectServer().wait()  # stopped at exit, as Prefect's own
+    finally: finish(client, dict(run_id=pid, tracking_uri=uri, status=status, tags=tags, undo={}), run_dir, what)  # with the server gone: kept for `settle`
 
 def sweep(cfg: SweepConfig) -> dict:
-    "Run the hyperparameter search `cfg` as a Prefect flow with its task runner; return the trials and the registration."
+    "Run the hyperparameter search `cfg` as a Prefect flow with its task runner, on one Prefect server; return the trials and the registration."
     from prefect import flow
-    from fruitflow.flow import flow_settings
-    from fruitflow.pool import mark_run
+    from prefect.settings import get_current_settings, temporary_settings
+    from fruitflow.servers import TemporaryPrefectServer, quiet_heartbeats
     runner = task_runner(cfg.task_runner, cfg.workers)  # an unknown runner fails before anything starts
-    mark = mark_run(cfg.run.workdir)  # `fruitflow up`'s keeper warms no kernel while the trials train
+    api = get_current_settings().api.url
+    server = None if api else TemporaryPrefectServer(get_current_settings().home)
     try:
-        _one_api()
-        with flow_settings(): return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
+        if server: os.environ["PREFECT_API_URL"] = api = server.wait()  # which the worker processes of a runner such as Dask's inherit
+        with temporary_settings(updates={"api.url": api}), quiet_heartbeats():
+            return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
     finally:
-        if mark: mark.unlink(missing_ok=True)
+        if server: server.stop()
 
 # %% ../nbs/15_sweep.ipynb #8820b07c
 _SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "base_url", "step_timeout", "workdir")
@@ -234,15 +228,16 @@ def _table(results: list[dict]) -> str:
 def sweep_cmd(args: argparse.Namespace) -> int:
     "`fruitflow sweep`: a hyperparameter search."
     cfg = sweep_config(args)
-    from fruitflow.cli import env_defaults, _error_log, _sigterm
+    from fruitflow.servers import env_defaults
     env_defaults(cfg.run.workdir)  # before anything imports Prefect, which reads its settings (PREFECT_HOME) once, at import
     try: task_runner(cfg.task_runner, cfg.workers)
     except ValueError as e:
         print(f"fruitflow sweep: error: --task-runner: {e}", file=sys.stderr)
         return 2
-    from fruitflow.flow import StepFailed, TrackingLost, settle
+    from fruitflow.notebooks import StepFailed
+    from fruitflow.tracking import TrackingLost, interrupt_on_signals, settle
     for line in settle(cfg.run.workdir): print(line)  # endings kept while a server was away
-    signal.signal(signal.SIGTERM, _sigterm)
+    interrupt_on_signals()
     try: out = sweep(cfg)
     except (StepFailed, SweepFailed, TrackingLost) as e:
         print(f"fruitflow sweep: {e}", file=sys.stderr)
@@ -251,7 +246,7 @@ def sweep_cmd(args: argparse.Namespace) -> int:
         print("fruitflow sweep: interrupted; the MLflow runs are marked KILLED or FAILED", file=sys.stderr)
         return 130
     except Exception as e:  # Prefect or MLflow themselves: the details go to a log
-        log = _error_log(cfg.run.workdir, e)
+        log = error_log(cfg.run.workdir, e)
         print(f"fruitflow sweep: error: {one_line(e)} (details in {log})", file=sys.stderr)
         return 1
     print(_table(out["trials"]))
@@ -273,6 +268,5 @@ def add_parsers(sub):  # the `fruitflow` command's sub-parsers
     p.add_argument("--trials", type=int, default=0, help="grid: at most this many trials (default 0: all); random: how many (default 0: 4)")
     p.add_argument("--workers", type=int, default=2, help="trials running at once (default 2)")
     p.add_argument("--task-runner", default=THREADS, help=f"dotted path of a Prefect task runner class (default {THREADS}; e.g. prefect_dask.DaskTaskRunner)")
-    from fruitflow.cli import data_options  # the same data, model, registry and limit options as `fruitflow run`
     data_options(p)
     p.set_defaults(func=sweep_cmd)
