@@ -2,8 +2,8 @@
 
     python benchmarks/steps.py [--n-per-class 10] [--epochs 2] [--image-size 64]
 
-Each step notebook is executed with papermill exactly as the flow runs it (`flow.step_notebook`: parameters,
-exported code, run section) twice: without tracking, then resuming an MLflow run. From the executed
+Each step notebook is executed with papermill exactly as the flow runs it (`notebooks.step_notebook`: parameters,
+exported code, run section) in a kernel of its own, twice: without tracking, then resuming an MLflow run. From the executed
 notebook's per-cell `papermill.duration`:
   kernel  = wall time of the execution − the sum of the cells (kernel start and stop, papermill itself);
   imports = the parameters and `#| export` cells (the module's imports and definitions);
@@ -17,11 +17,11 @@ from pathlib import Path
 def execute(step: str, params: dict, out: Path, cwd: Path):
     "Run one step notebook as the flow does; its wall time and executed cells."
     import papermill as pm, nbformat
-    from fruitflow.flow import step_notebook, KERNEL, _kernel_manager
+    from fruitflow.config import KERNEL
+    from fruitflow.notebooks import step_notebook
     out.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(cwd), progress_bar=False,
-                        kernel_manager_class=_kernel_manager(cwd/"kernels.log"))  # the kernels' start-up chatter goes there, as in the flow
+    pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(cwd), progress_bar=False)  # a kernel of its own, as with --kernel-per-step
     wall = time.perf_counter() - t
     return wall, nbformat.read(out, as_version=4).cells
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, shutil
 from pathlib import Path
 import numpy as np
-from .preprocess import DataError, _split
+from .preprocess import DataError, stratified_split
 
 # %% auto #0
 __all__ = ['folds', 'write_fold', 'crossval']
@@ -44,7 +44,7 @@ def write_fold(split_dir: Path,  # the preprocessed set
     split_dir, fold_dir = Path(split_dir), Path(fold_dir)
     info, y = json.loads((split_dir/"split.json").read_text()), np.load(split_dir/"y.npy")
     rest = np.setdiff1d(np.arange(len(y)), test_idx)
-    cut = _split(y[rest], val_ratio, 0.0, seed)
+    cut = stratified_split(y[rest], val_ratio, 0.0, seed)
     splits = {"train": rest[cut["train"]].tolist(), "val": rest[cut["val"]].tolist(), "test": np.sort(test_idx).tolist()}
     fold_dir.mkdir(parents=True, exist_ok=True)
     for f in ("x.npy", "y.npy"): _link(split_dir/f, fold_dir/f)

@@ -10,13 +10,13 @@ import numpy as np
 from .core import ImageError, load_image, to_array
 
 # %% auto #0
-__all__ = ['DataError', 'preprocess']
+__all__ = ['DataError', 'stratified_split', 'preprocess']
 
 # %% ../nbs/02_preprocess.ipynb #96af1b53
 class DataError(ValueError):
     "A dataset that cannot be trained on; the message names the class folder."
 
-def _split(labels: np.ndarray, val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[int]]:
+def stratified_split(labels: np.ndarray, val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[int]]:
     "Stratified train/val/test indices of `labels`."
     rng, out = np.random.default_rng(seed), {"train": [], "val": [], "test": []}
     for c in np.unique(labels):
@@ -62,7 +62,7 @@ def preprocess(manifest_path: Path,  # the manifest CSV of the download step
             raise DataError(f"class {c!r} ({folders[c]}) has {n} usable image{'s' * (n != 1)}; at least {min_per_class} needed")
     y = np.array([classes.index(r["label"]) for r in kept], dtype=np.int32)
     np.save(out_dir/"y.npy", y)
-    splits = _split(y, val_ratio, test_ratio, seed)
+    splits = stratified_split(y, val_ratio, test_ratio, seed)
     meta = dict(classes=classes, image_size=image_size, splits=splits, files=[r["path"] for r in kept],
                 skipped=[dict(path=p, reason=w) for p, w in skipped])
     (out_dir/"split.json").write_text(json.dumps(meta, indent=1))

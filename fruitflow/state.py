@@ -64,6 +64,7 @@ class Progress:
     "The steps a run folder records, and which of them a run may reuse."
     def __init__(self, run_dir: Path, state: dict, from_step: str = "", only: str = ""):
         self.run_dir, self.state, self.from_step, self.only, self.before, self.key = Path(run_dir), state, from_step, only, "", ""
+        self.current = ""  # the step asked about last: the one running, when the run is interrupted
 
     @classmethod
     def new(cls, run_dir: Path, run_id: str, cfg: Config) -> Progress:
@@ -79,7 +80,7 @@ class Progress:
 
     def reuse(self, step: str, params: dict) -> dict|None:
         "What `step` glued before when that is current and not to be rerun; None when it runs. `OnlyDone` when `--only`'s step is behind."
-        self.key, done = step_key(step, params, self.before, self.run_dir), self.state["steps"].get(step)
+        self.current, self.key, done = step, step_key(step, params, self.before, self.run_dir), self.state["steps"].get(step)
         forced = step == self.only or self.from_step and STEPS.index(step) >= STEPS.index(self.from_step)
         if not forced and done and done["key"] == self.key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/")):
             self.before = self.key

@@ -183,8 +183,9 @@ def pipeline_run(cfg: Config):
         tags["error"] = one_line(e, 2000)
         raise
     except BaseException:  # Ctrl-C, SIGTERM and SIGHUP (see `interrupt_on_signals`), Prefect's TerminationSignal, SystemExit
-        status, what = "KILLED", "interrupted"
-        tags["error"] = f"interrupted: the outputs in {run.dir} are partial"
+        step = run.progress.current
+        status, what = "KILLED", f"interrupted during step '{step}'"
+        tags |= {"failed_step": step, "error": f"interrupted during step '{step}': its outputs in {run.dir} are partial"}
         raise
     finally:
         finish(client, dict(run_id=run.id, tracking_uri=uri, status=status, tags=tags, undo=undo), run.dir, what)

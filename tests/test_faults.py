@@ -1,5 +1,5 @@
 """Faults caused for real: a killed kernel, a cell past its time limit, SIGTERM mid-training, unreachable servers,
-an MLflow server killed mid-run, `fruitflow up`'s warm-kernel keeper killed mid-run, an artifact store that is full or turns read-only (real tmpfs mounts)."""
+an MLflow server killed mid-run, an artifact store that is full or turns read-only (real tmpfs mounts)."""
 import contextlib, json, os, signal, sqlite3, subprocess, sys, time
 from pathlib import Path
 import psutil, pytest
@@ -14,7 +14,7 @@ def _start(wd: Path, prefect_api: str|None, *args, handlers: dict|None = None) -
     return subprocess.Popen(with_handlers(cmd, handlers) if handlers else cmd, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 def _kernels(proc: subprocess.Popen, step: str = "") -> list:
-    "The process's Jupyter kernels; with `step`, the one started for that step, alone or with others (fruitflow marks kernels it starts ahead)."
+    "The process's Jupyter kernels; with `step`, the one started for that step, alone or with others (fruitflow marks the kernel it starts for the steps)."
     try:
         ks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
         return [k for k in ks if step in k.environ().get("FRUITFLOW_STEP", "").split(",")] if step else ks
@@ -101,9 +101,8 @@ def test_two_pipelines_at_once_in_one_workdir(tmp_path, prefect_api):
     "Both complete on a store neither has created yet: own run folder, own MLflow run, consistent registry."
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | {"PREFECT_API_URL": prefect_api}
     args = ["run", "--source", "synthetic", "--n-per-class", "6", *FAST]
-    procs = [subprocess.Popen([str(BIN/"fruitflow"), *args, "--seed", str(s), "--kernels-ahead", str(ahead), "--kernel-per-step"], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for s, ahead in ((1, 4), (2, 0))]  # a kernel per step: one starts them ahead, the other as each step starts
+    procs = [subprocess.Popen([str(BIN/"fruitflow"), *args, "--seed", str(s), *more], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s, more in ((1, ["--kernel-per-step"]), (2, []))]  # one with a kernel per step, the other with the kernel its steps share
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-2000:] + err[-2000:]
@@ -116,7 +115,7 @@ def test_two_pipelines_at_once_in_one_workdir(tmp_path, prefect_api):
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert sorted(r.data.tags["registered_version"] for r in done) == ["1", "2"]
     logs = [(Path(r.data.tags["run_dir"])/"kernels.log").read_text() for r in done]
-    assert sorted(l.count("runs in the kernel started ahead for it,") for l in logs) == [0, 5] and not any("shared" in l for l in logs), logs
+    assert sorted(l.count("ran in a kernel of its own,") for l in logs) == [0, 5] and sorted(l.count("the kernel the steps share") for l in logs) == [0, 5], logs
 
 def _one_line(err: str) -> str:
     lines = err.strip().splitlines()
@@ -172,36 +171,6 @@ def test_mlflow_server_lost_mid_sweep_ends_every_run_once_it_is_back(tmp_path):
         assert "does not answer" in parent.data.tags["error"], parent.data.tags
         assert len(trials) == 2 and all("mlflow" in t.data.tags.get("error", "").lower() for t in trials), [t.data.tags for t in trials]  # what failed, as far as it got
         assert not list(tmp_path.glob("runs/**/pending.json"))
-    finally: fruitflow("down", "--workdir", tmp_path, workdir=tmp_path)
-
-def _gone(pid: int) -> bool:
-    "Has process `pid` exited (a zombie left for its new parent counts)?"
-    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess: return True
-
-def test_keeper_killed_mid_run_fails_the_step_and_leaves_no_kernel(tmp_path):
-    "`fruitflow up`'s keeper is killed (SIGKILL) while train runs in a warm kernel: the step fails in one line, the run ends FAILED, no kernel is left."
-    from fruitflow.pool import offers
-    ports = ["--prefect-port", free_port(), "--mlflow-port", free_port()]
-    assert (up := fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)).returncode == 0, up.stdout + up.stderr
-    try:
-        end = time.monotonic() + 300
-        while not (warm := offers(tmp_path)):  # one kernel, for every step
-            assert time.monotonic() < end, (tmp_path/".fruitflow"/"kernels.log").read_text()[-3000:]
-            time.sleep(1)
-        proc = _start(tmp_path, None, *SLOW_TRAIN)
-        assert "warm kernels kept by `fruitflow up` for: download, preprocess, train, evaluate, register" in _wait_for(proc, "[3/5] train ...")
-        time.sleep(2)  # training has begun in the keeper's kernel
-        os.kill(json.loads((tmp_path/".fruitflow"/"kernels.json").read_text())["pid"], signal.SIGKILL)
-        out, err = proc.communicate(timeout=300)
-        line = _one_line(err)
-        assert proc.returncode == 1 and "step 'train' failed: the notebook's kernel died" in line, err
-        (run,) = runs(tmp_path)
-        assert run.info.status == "FAILED" and run.data.tags["failed_step"] == "train", (run.info.status, run.data.tags)
-        end = time.monotonic() + 30
-        while not all(_gone(o["pid"]) for o in warm):  # each sees its parent gone and exits
-            assert time.monotonic() < end, [o for o in warm if not _gone(o["pid"])]
-            time.sleep(0.5)
     finally: fruitflow("down", "--workdir", tmp_path, workdir=tmp_path)
 
 @contextlib.contextmanager
