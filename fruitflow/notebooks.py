@@ -49,12 +49,15 @@ def step_modules(*steps: str) -> list[str]:
             elif isinstance(n, ast.ImportFrom) and n.module and not n.level and n.module != "__future__": mods.append(n.module)
     return list(dict.fromkeys(mods))
 
-# %% ../nbs/09_notebooks.ipynb #bcceacdd
+# %% ../nbs/09_notebooks.ipynb #5ec70cf7
 class StepKernelManager(KernelManager):
-    "jupyter_client's blocking `KernelManager` (any thread may stop it) that hands papermill an async client, and closes the clients papermill opened on it."
-    def __init__(self, **kw):
+    "jupyter_client's blocking `KernelManager` (any thread may stop it) that hands papermill an async client, closes the clients papermill opened on it, and sends the kernel's own output to `output`."
+    def __init__(self, output: Path|None = None, **kw):
         super().__init__(kernel_name=KERNEL, client_class="jupyter_client.asynchronous.AsyncKernelClient", **kw)
-        self.clients = []
+        self.clients, self.output = [], output
+    def start_kernel(self, **kw):  # the kernel's start-up chatter and C-level logs go to a file, not the console
+        if self.output is None or "stdout" in kw: return super().start_kernel(**kw)
+        with open(self.output, "ab") as f: return super().start_kernel(stdout=f, stderr=f, **kw)  # the kernel keeps its own copy
     def client(self, **kw):  # remembered: nbclient leaves open the client it opened on a manager it was given
         self.clients.append(c := super().client(**kw))
         return c
@@ -181,7 +184,7 @@ def execute(step: str,  # one of STEPS
     import papermill as pm, scrapbook as sb
     check_params(step, params)
     out, failed = Path(run_dir)/NOTEBOOKS[step], None
-    km = (kernel.take(timeout) if kernel else None) or StepKernelManager()  # papermill starts the kernel of a manager that has none
+    km = (kernel.take(timeout) if kernel else None) or StepKernelManager(output=Path(run_dir)/"kernels.log")  # papermill starts the kernel of a manager that has none
     def run(): pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(workdir),
                                    progress_bar=False, stdout_file=_Echo(log), execution_timeout=timeout, km=km)
     runner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"fruitflow-{step}")
