@@ -31,8 +31,8 @@ def check_complete_run(wd: Path, run, epochs: int):
     assert sorted(p.name for p in code.iterdir()) == ["__init__.py", "core.py", "predict.py"]  # the code the model loads, not the whole package
     run_dir = Path(run.data.tags["run_dir"])
     assert all((run_dir/f"{s}.ipynb").exists() for s in STEPS)
-    log = (run_dir/"kernels.log").read_text()  # every step ran in the kernel started ahead and shared (the default), whose output is kept here
-    pids = {re.search(rf"step '{s[3:]}' runs in the kernel started ahead for the steps, shared by them, pid (\d+)", log)[1] for s in STEPS}
+    log = (run_dir/"kernels.log").read_text()  # every step ran in the kernel started ahead and shared (the default): this log says which kernel ran each step
+    pids = {re.search(rf"step '{s[3:]}' ran in the kernel the steps share, pid (\d+)", log)[1] for s in STEPS}
     assert len(pids) == 1, log[-3000:]
     for s in STEPS:  # each notebook numbered from 1, as in a kernel of its own
         assert next(c for c in nbformat.read(run_dir/f"{s}.ipynb", as_version=4).cells if c.cell_type == "code").execution_count == 1, s
