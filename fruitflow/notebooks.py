@@ -37,12 +37,15 @@ def step_notebook(step: str):
     nb.cells = [c for c in nb.cells if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []) or _DIRECTIVE.search(c.source)]
     return nb
 
+_PARSING = threading.Lock()  # CPython 3.11 keeps the AST builder's depth per interpreter: two threads parsing at once can fail (gh-106905)
+
 def step_modules(*steps: str) -> list[str]:
     "The modules the notebooks of `steps` import at top level, each once, in order."
     mods = []
     for c in (c for s in steps for c in step_notebook(s).cells):
         if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []): continue
-        try: body = ast.parse(c.source).body
+        try:
+            with _PARSING: body = ast.parse(c.source).body  # a sweep starts its trials' kernels in parallel threads
         except SyntaxError: continue  # a magic, say: the notebook itself will tell
         for n in body:
             if isinstance(n, ast.Import): mods += [a.name for a in n.names]
@@ -72,6 +75,15 @@ def _warm_code(mods: list[str]) -> str:
     return (f"def _fruitflow_warm():\n    import importlib\n    for m in {mods!r}:\n        try:\n            mod = importlib.import_module(m)\n"
             f"            if m.split('.')[0] == 'fruitflow' and callable(getattr(mod, 'warm_up', None)): mod.warm_up()\n"
             f"        except Exception: pass\n_fruitflow_warm(); del _fruitflow_warm")
+
+def _fresh_thread(f, *args):
+    "`f(*args)` in a new thread, whose context is empty: jupyter_client's blocking calls then make their own event loop (a thread Prefect started carries its flow's)."
+    out = concurrent.futures.Future()
+    def run():
+        try: out.set_result(f(*args))
+        except BaseException as e: out.set_exception(e)
+    threading.Thread(target=run, daemon=True, name="fruitflow-kernel-call").start()
+    return out.result()
 
 def _run_quietly(km, code: str, timeout: float):
     "Run `code` in `km`'s kernel, out of its history, and wait for it; an error it raises is a RuntimeError here."
@@ -108,7 +120,7 @@ class Kernel:
         try:
             km = self.ready.result(timeout)
             if self.stopped or not km.is_alive(): raise RuntimeError("it is no longer running")
-            if self.used: _run_quietly(km, "get_ipython().reset(new_session=True)", min(timeout, 60))
+            if self.used: _fresh_thread(_run_quietly, km, "get_ipython().reset(new_session=True)", min(timeout, 60))
             self.used = True
             return km
         except Exception as e:
@@ -120,7 +132,7 @@ class Kernel:
         self.stopped = True
         with contextlib.suppress(Exception):
             self.km.close_clients()
-            if self.km.has_kernel: self.km.shutdown_kernel(now=now)
+            if self.km.has_kernel: _fresh_thread(self.km.shutdown_kernel, now)
 
 # %% ../nbs/09_notebooks.ipynb #23ea838a
 _ahead: dict[Path, Kernel] = {}  # kernels started ahead by `start_ahead`, by work folder
@@ -194,7 +206,7 @@ def execute(step: str,  # one of STEPS
         except Exception as e: failed = StepFailed(step, out, _reason(e, timeout)); failed.__cause__ = e
         except BaseException:  # Ctrl-C, SIGTERM: the kernel is killed, and the notebook's thread ends on it
             while not ran.done():
-                with contextlib.suppress(Exception): km.shutdown_kernel(now=True)
+                with contextlib.suppress(Exception): _fresh_thread(km.shutdown_kernel, True)
                 concurrent.futures.wait([ran], timeout=2)
             raise
         finally:
@@ -203,7 +215,7 @@ def execute(step: str,  # one of STEPS
             with contextlib.suppress(OSError), open(Path(run_dir)/"kernels.log", "a") as l:  # which kernel ran it, for whoever looks
                 print(f"fruitflow: step '{step}' ran in {'the kernel the steps share' if kernel and km is kernel.km else 'a kernel of its own'}, pid {getattr(km.provisioner, 'pid', '?')}", file=l)
             if not kernel or km is not kernel.km:
-                with contextlib.suppress(Exception): km.shutdown_kernel(now=failed is not None)  # papermill's own, for this step only
+                with contextlib.suppress(Exception): _fresh_thread(km.shutdown_kernel, failed is not None)  # papermill's own, for this step only
     finally: not_kept = record(out) if out.exists() else None  # on Ctrl-C too; a failed step's notebook above all
     if failed: raise failed
     scraps = {k: s.data for k, s in sb.read_notebook(str(out)).scraps.items()}

@@ -36,7 +36,8 @@ def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, pr
     assert len(logs) == 2
     for log in logs:  # a trial's train and evaluate ran in one kernel
         text = log.read_text()
-        assert len({re.search(rf"step '{s}' ran in the kernel the steps share, pid (\d+)", text)[1] for s in ("train", "evaluate")}) == 1, text
+        found = [re.search(rf"step '{s}' ran in the kernel the steps share, pid (\d+)", text) for s in ("train", "evaluate")]
+        assert all(found) and len({m[1] for m in found}) == 1, text
 
 def test_sweep_runs_its_trials_in_dask_worker_processes(tmp_path):
     """`--task-runner prefect_dask.DaskTaskRunner`: a local Dask cluster of two one-thread worker processes runs the trials.
