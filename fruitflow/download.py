@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from .core import list_images
 
 # %% auto #0
-__all__ = ['GITHUB', 'ARCHIVES', 'MANIFEST_FIELDS', 'DownloadError', 'NotFound', 'fetch', 'draw', 'write_manifest', 'download']
+__all__ = ['GITHUB', 'ARCHIVES', 'MANIFEST_FIELDS', 'DownloadError', 'NotFound', 'fetch', 'file_sha256', 'draw', 'write_manifest',
+           'download']
 
 # %% ../nbs/01_download.ipynb #2577b42b
 GITHUB = "https://github.com/HOGENT-MLOps/mlops-labs/blob/main/resources/02-ml-workflow/img-lab2/"
@@ -68,7 +69,8 @@ def fetch(url: str,  # what to download
     raise DownloadError(f"{url}: failed after {retries} attempts ({err})")
 
 # %% ../nbs/01_download.ipynb #a998432a
-def _sha256(p: Path) -> str:
+def file_sha256(p: Path) -> str:
+    "The SHA-256 of file `p`, read in 1 MB chunks."
     h = hashlib.sha256()
     with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
@@ -84,12 +86,12 @@ def _github(base_url, dest, n, timeout, retries, max_bytes):
         for i in range(1, n + 1):
             name = f"{label}/{label}-{i}.jpeg"
             target = dest/name
-            if target.exists() and sums.get(name) == _sha256(target): continue
+            if target.exists() and sums.get(name) == file_sha256(target): continue
             try: fetch(f"{base_url.rstrip('/')}/{label}s/{label}-{i}.jpeg?raw=true", target, timeout, retries, max_bytes, image=True)
             except NotFound as e:
                 print(f"skipped {e}")
                 continue
-            sums[name] = _sha256(target)
+            sums[name] = file_sha256(target)
             print(f"fetched {name} ({target.stat().st_size:,} bytes)")
     sums_file.write_text("".join(f"{h}  {k}\n" for k, h in sorted(sums.items())))
     return dest
@@ -136,7 +138,7 @@ def _unpack(source, data_root, timeout, retries, max_bytes):
         archive = fetch(source, data_root/"archives"/source.rsplit("/", 1)[-1].split("?")[0], timeout, retries, max_bytes)
     else: archive = Path(source)
     if not archive.is_file(): raise DownloadError(f"{source}: no such archive")
-    target = data_root/f"{archive.name.split('.')[0]}-{_sha256(archive)[:10]}"
+    target = data_root/f"{archive.name.split('.')[0]}-{file_sha256(archive)[:10]}"
     if not target.exists():
         tmp = Path(tempfile.mkdtemp(dir=data_root, prefix=".unpack-"))
         try: _extract(archive, tmp)
@@ -237,7 +239,7 @@ def write_manifest(folder: Path,  # one sub-folder per class
     rows = []
     for c in classes:
         keep, skip = list_images(c, root=folder)
-        rows += [dict(path=str(p), label=c.name, sha256=_sha256(p), bytes=p.stat().st_size, **dict(zip(("format", "width", "height"), _describe(p))), skipped="") for p in keep]
+        rows += [dict(path=str(p), label=c.name, sha256=file_sha256(p), bytes=p.stat().st_size, **dict(zip(("format", "width", "height"), _describe(p))), skipped="") for p in keep]
         rows += [dict(path=p, label=c.name, sha256="", bytes=0, format="", width=0, height=0, skipped=why) for p, why in skip]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

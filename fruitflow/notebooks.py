@@ -76,14 +76,14 @@ def _warm_code(mods: list[str]) -> str:
             f"            if m.split('.')[0] == 'fruitflow' and callable(getattr(mod, 'warm_up', None)): mod.warm_up()\n"
             f"        except Exception: pass\n_fruitflow_warm(); del _fruitflow_warm")
 
-def _fresh_thread(f, *args):
-    "`f(*args)` in a new thread, whose context is empty: jupyter_client's blocking calls then make their own event loop (a thread Prefect started carries its flow's)."
+def _in_thread(f, *args) -> concurrent.futures.Future:
+    "Start `f(*args)` in a new thread, whose context is empty (jupyter_client's and papermill's calls then make their own event loop: a thread Prefect started carries its flow's); its future."
     out = concurrent.futures.Future()
     def run():
         try: out.set_result(f(*args))
         except BaseException as e: out.set_exception(e)
     threading.Thread(target=run, daemon=True, name="fruitflow-kernel-call").start()
-    return out.result()
+    return out
 
 def _run_quietly(km, code: str, timeout: float):
     "Run `code` in `km`'s kernel, out of its history, and wait for it; an error it raises is a RuntimeError here."
@@ -120,7 +120,7 @@ class Kernel:
         try:
             km = self.ready.result(timeout)
             if self.stopped or not km.is_alive(): raise RuntimeError("it is no longer running")
-            if self.used: _fresh_thread(_run_quietly, km, "get_ipython().reset(new_session=True)", min(timeout, 60))
+            if self.used: _in_thread(_run_quietly, km, "get_ipython().reset(new_session=True)", min(timeout, 60)).result()
             self.used = True
             return km
         except Exception as e:
@@ -132,7 +132,7 @@ class Kernel:
         self.stopped = True
         with contextlib.suppress(Exception):
             self.km.close_clients()
-            if self.km.has_kernel: _fresh_thread(self.km.shutdown_kernel, now)
+            if self.km.has_kernel: _in_thread(self.km.shutdown_kernel, now).result()
 
 # %% ../nbs/09_notebooks.ipynb #23ea838a
 _ahead: dict[Path, Kernel] = {}  # kernels started ahead by `start_ahead`, by work folder
@@ -199,23 +199,23 @@ def execute(step: str,  # one of STEPS
     km = (kernel.take(timeout) if kernel else None) or StepKernelManager(output=Path(run_dir)/"kernels.log")  # papermill starts the kernel of a manager that has none
     def run(): pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(workdir),
                                    progress_bar=False, stdout_file=_Echo(log), execution_timeout=timeout, km=km)
-    runner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"fruitflow-{step}")
+    shared = kernel is not None and km is kernel.km
     try:
-        ran = runner.submit(run)
+        ran = _in_thread(run)
         try: ran.result()
         except Exception as e: failed = StepFailed(step, out, _reason(e, timeout)); failed.__cause__ = e
         except BaseException:  # Ctrl-C, SIGTERM: the kernel is killed, and the notebook's thread ends on it
             while not ran.done():
-                with contextlib.suppress(Exception): _fresh_thread(km.shutdown_kernel, True)
+                with contextlib.suppress(Exception): _in_thread(km.shutdown_kernel, True).result()
                 concurrent.futures.wait([ran], timeout=2)
             raise
         finally:
-            runner.shutdown(wait=True)
+            concurrent.futures.wait([ran])
             km.close_clients()  # once papermill's thread is over: a socket is not closed under a thread using it
             with contextlib.suppress(OSError), open(Path(run_dir)/"kernels.log", "a") as l:  # which kernel ran it, for whoever looks
-                print(f"fruitflow: step '{step}' ran in {'the kernel the steps share' if kernel and km is kernel.km else 'a kernel of its own'}, pid {getattr(km.provisioner, 'pid', '?')}", file=l)
-            if not kernel or km is not kernel.km:
-                with contextlib.suppress(Exception): _fresh_thread(km.shutdown_kernel, failed is not None)  # papermill's own, for this step only
+                print(f"fruitflow: step '{step}' ran in {'the kernel the steps share' if shared else 'a kernel of its own'}, pid {getattr(km.provisioner, 'pid', '?')}", file=l)
+            if not shared:
+                with contextlib.suppress(Exception): _in_thread(km.shutdown_kernel, failed is not None).result()  # papermill's own, for this step only
     finally: not_kept = record(out) if out.exists() else None  # on Ctrl-C too; a failed step's notebook above all
     if failed: raise failed
     scraps = {k: s.data for k, s in sb.read_notebook(str(out)).scraps.items()}

@@ -247,8 +247,9 @@ def _copy_db(src: Path, dst: Path) -> bool:
 class TemporaryPrefectServer:
     "Prefect's server for one run, launched at once (a fresh home from the kept database) and waited for with `wait()`; stopped at exit."
     tries = 2  # launches, each on a fresh port: uvicorn exits with 3 when its port was taken meanwhile (or when the app fails to start)
-    def __init__(self, home: Path, timeout: float = 180):
+    def __init__(self, home: Path, timeout: float|None = None):  # seconds to wait (None: $PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, else 180)
         import atexit
+        timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180)
         self.home, self.timeout, self.log = Path(home), timeout, Path(home)/"temporary-server.log"
         db = self.home/"prefect.db"
         default = not any(os.environ.get(k) for k in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"))
@@ -288,7 +289,8 @@ class TemporaryPrefectServer:
             except OSError: pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"Prefect's temporary server did not answer in {self.timeout:.0f} s (its messages: {self.log}); or set PREFECT_API_URL to a running server")
+                raise RuntimeError(f"Prefect's temporary server did not answer in {self.timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; its messages: {self.log}); "
+                                   "or set PREFECT_API_URL to a running server")
             time.sleep(0.1)
 
     def _why(self) -> str:
