@@ -1,6 +1,6 @@
 """Issue 24's speed budget: wall time of `fruitflow run` against the lab notebook's code run as one plain Python script.
 
-    python benchmarks/pipeline.py [--epochs 10] [--pairs 3] [--images DIR] [--model small] [--keep] [--json PATH]
+    python benchmarks/pipeline.py [--epochs 10] [--pairs 3] [--images DIR] [--model small] [--cold-warm] [--keep] [--json PATH]
 
 Every side gets the same images, the lab's photos (`DIR`, default ../shared/data/lab-images), served over HTTP
 on 127.0.0.1 by a thread of this script in the upstream layout (apples/, oranges/), and the same epochs. Each side
@@ -12,7 +12,11 @@ environment, and each downloads the images afresh:
       starts its own temporary Prefect server and MLflow writes a fresh SQLite store;
   (c) servers up: the same `fruitflow run` over one work folder U where `fruitflow up` (free ports, run once before
       the pairs; its time is printed, not counted) serves Prefect and MLflow; U/data is removed before each run.
-      The first run right after `up` counts like any other (no warm-up run); `fruitflow down` ends it.
+      The first run right after `up` counts like any other (no warm-up run); `fruitflow down` ends it. `up` keeps a
+      warm kernel for the next run (fruitflow.warm); once a run has taken it, the keeper warms the next one, and
+      every side waits for that before it starts, so that no side shares the cores with it;
+  (d) with --cold-warm: as (c) over a second work folder whose `fruitflow up --no-warm-kernel` keeps none: what
+      the warm kernel saves, side by side.
 
 The sides run in pairs (rounds of one run each), alternating their order to spread slow spells and any advantage
 of running later: pair 1 a, b, c; pair 2 c, b, a; pair 3 a, b, c; ... Per-step seconds come from fruitflow's
@@ -28,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 STEPS = ("download", "preprocess", "train", "evaluate", "register")
-SIDES = {"a": "lab script", "b": "cold", "c": "servers up"}
+SIDES = {"a": "lab script", "b": "cold", "c": "servers up", "d": "servers up, no warm kernel"}
 BUDGET = {"b": (1.2, 1.3), "c": (0.8, 1.0)}  # side: (budget, hard floor) of its median over the lab script's
 
 def clean_env() -> dict:
@@ -64,9 +68,16 @@ def step_times(out: str) -> dict:
     "Each step's seconds from fruitflow's progress lines."
     return {m[0]: float(m[1]) for m in re.findall(r"\[\d/\d\] (\w+) done in ([\d.]+) s", out)}
 
+def settle(up_work: Path, timeout: float = 300) -> float:
+    "Wait until the keeper of `up_work` offers a warm kernel (it warms the next one after each run): the seconds waited."
+    t, f = time.perf_counter(), up_work/".fruitflow"/"warm-kernel.json"
+    while not f.exists() and time.perf_counter() - t < timeout: time.sleep(0.2)
+    return time.perf_counter() - t
+
 def measure(side: str, pair: int, base: str, root: Path, up_work: Path, a) -> dict:
     "One timed run of `side` in pair `pair`: its seconds and per-step seconds."
-    if side == "c":
+    settle(root/"up")
+    if side in "cd":
         work = up_work
         shutil.rmtree(work/"data", ignore_errors=True)  # download afresh, like the other sides
     else:
@@ -86,12 +97,16 @@ def show(m: dict) -> str:
 def verdict(q: float, budget: float, floor: float) -> str:
     return "within budget" if q <= budget else "within hard floor only" if q <= floor else "over"
 
-def summary(ms: list, pairs: int) -> tuple[str, dict]:
+def summary(ms: list, pairs: int, sides: str) -> tuple[str, dict]:
     "Medians, ratios to the lab script (of the medians and per pair) and the verdicts: the text and its figures."
-    secs = {s: [m["seconds"] for m in ms if m["side"] == s] for s in SIDES}
+    secs = {s: [m["seconds"] for m in ms if m["side"] == s] for s in sides}
     med = {s: statistics.median(v) for s, v in secs.items()}
     by = {(m["side"], m["pair"]): m["seconds"] for m in ms}
-    lines, got = [f"\nmedians over {pairs} pair(s): " + ", ".join(f"({s}) {SIDES[s]} {med[s]:.1f} s" for s in SIDES)], {"median_s": med}
+    lines, got = [f"\nmedians over {pairs} pair(s): " + ", ".join(f"({s}) {SIDES[s]} {med[s]:.1f} s" for s in sides)], {"median_s": med}
+    if "d" in sides:
+        per = [by["d", p] - by["c", p] for p in range(1, pairs + 1)]
+        got["d-c"] = dict(of_medians=med["d"] - med["c"], per_pair=per)
+        lines.append(f"the warm kernel saves {med['d'] - med['c']:.1f} s a run (medians; per pair {', '.join(f'{x:.1f}' for x in per)})")
     for s, (budget, floor) in BUDGET.items():
         q = med[s] / med["a"]
         per = [by[s, p] / by["a", p] for p in range(1, pairs + 1)]
@@ -108,21 +123,25 @@ def main(a) -> None:
     if not (a.images/"apples").is_dir(): sys.exit(f"{a.images}/apples is missing: pass --images")
     if a.pairs < 1: sys.exit("--pairs must be at least 1")
     root, ms = Path(tempfile.mkdtemp(prefix="fruitflow-bench-")), []
-    up_work = root/"up"
-    up_work.mkdir()
+    sides = "abcd" if a.cold_warm else "abc"
+    ups = {"c": root/"up", "d": root/"up-no-warm-kernel"} if a.cold_warm else {"c": root/"up"}
     print(f"{a.epochs} epochs, the lab's photos from {a.images}, fruitflow --model {a.model}, {a.pairs} pair(s), in {root}", flush=True)
     try:
         with lab_site(a.images) as base:
-            prefect, mlflow = free_ports(2)
-            up_s, _ = timed([BIN/"fruitflow", "up", "--prefect-port", prefect, "--mlflow-port", mlflow, "--workdir", up_work], up_work)
-            print(f"fruitflow up took {up_s:.1f} s (not counted)", flush=True)
+            for side, work in ups.items():
+                work.mkdir()
+                prefect, mlflow = free_ports(2)
+                up_s, _ = timed([BIN/"fruitflow", "up", "--prefect-port", prefect, "--mlflow-port", mlflow, "--workdir", work,
+                                 *(["--no-warm-kernel"] if side == "d" else [])], work)
+                print(f"fruitflow up ({side}) took {up_s:.1f} s (not counted)", flush=True)
             try:
                 for pair in range(1, a.pairs + 1):
-                    for side in ("abc" if pair % 2 else "cba"):
-                        ms.append(measure(side, pair, base, root, up_work, a))
+                    for side in (sides if pair % 2 else sides[::-1]):
+                        ms.append(measure(side, pair, base, root, ups.get(side, root), a))
                         print(show(ms[-1]), flush=True)
-            finally: timed([BIN/"fruitflow", "down", "--workdir", up_work], up_work, check=False)
-        text, got = summary(ms, a.pairs)
+            finally:
+                for work in ups.values(): timed([BIN/"fruitflow", "down", "--workdir", work], work, check=False)
+        text, got = summary(ms, a.pairs, sides)
         print(text)
         if a.json:
             a.json.write_text(json.dumps(dict(epochs=a.epochs, pairs=a.pairs, model=a.model, images=str(a.images),
@@ -138,6 +157,7 @@ if __name__ == "__main__":
     ap.add_argument("--pairs", type=int, default=3, help="rounds of the three sides, order alternating (default 3)")
     ap.add_argument("--images", type=Path, default=ROOT.parent/"shared"/"data"/"lab-images", help="the lab's photos, apples/ and oranges/")
     ap.add_argument("--model", default="small", help="fruitflow's model: small (its default) or lab")
+    ap.add_argument("--cold-warm", action="store_true", help="add side (d): servers up without the warm kernel")
     ap.add_argument("--keep", action="store_true", help="keep the temporary work folders (default: removed at the end)")
     ap.add_argument("--json", type=Path, help="also write every measurement and the summary to this JSON file")
     main(ap.parse_args())

@@ -28,7 +28,7 @@ def _preflight(cfg: Config) -> str|None:
 
 def run(args) -> int:
     "`fruitflow run`: one pipeline execution, or the rest of one with --resume, --from or --only."
-    from fruitflow import notebooks
+    from fruitflow import notebooks, warm
     from fruitflow.servers import TemporaryPrefectServer, env_defaults, quiet_heartbeats
     from fruitflow.state import ResumeError, resume_config
     cfg = config(args)
@@ -42,7 +42,7 @@ def run(args) -> int:
     if why := _preflight(cfg):
         print(f"fruitflow run: {why}", file=sys.stderr)
         return 1
-    kernel = None if cfg.kernel_per_step else notebooks.start_ahead(cfg.workdir)  # its imports overlap Prefect's
+    kernel = None if cfg.kernel_per_step else notebooks.start_ahead(cfg.workdir, warm.handover(cfg.workdir))  # `fruitflow up`'s warm one, else one whose imports overlap Prefect's
     server = None if os.environ.get("PREFECT_API_URL") else TemporaryPrefectServer(Path(os.environ["PREFECT_HOME"]))
     if server: os.environ["PREFECT_API_URL"] = server.url  # before Prefect reads its settings, at import
     try:

@@ -64,6 +64,9 @@ class StepKernelManager(KernelManager):
     def client(self, **kw):  # remembered: nbclient leaves open the client it opened on a manager it was given
         self.clients.append(c := super().client(**kw))
         return c
+    origin = ""  # where the kernel came from, if not from this manager: said in the run's kernels.log
+    @property
+    def kernel_pid(self) -> int|None: return getattr(self.provisioner, "pid", None)
     def close_clients(self):
         "Stop the channels of the clients made on this manager."
         for c in self.clients:
@@ -94,22 +97,29 @@ def _run_quietly(km, code: str, timeout: float):
     if reply["content"]["status"] != "ok": raise RuntimeError(f"{reply['content'].get('ename')}: {reply['content'].get('evalue')}")
 
 class Kernel:
-    "One Jupyter kernel the steps share: started (and the steps' modules imported) in the background, taken by each step in turn, stopped at the end."
+    "One Jupyter kernel the steps share: made ready in the background (started here, or handed over by `start`), taken by each step in turn, stopped at the end."
     def __init__(self, workdir: Path,  # the kernel's working folder
                  log: Path|None = None,  # where its own output goes (default: .fruitflow/kernel.log of `workdir`)
-                 steps: tuple[str, ...] = STEPS):  # whose modules it imports ahead
+                 steps: tuple[str, ...] = STEPS,  # whose modules it imports ahead
+                 start: Callable[[], KernelManager]|None = None):  # gives the manager of a kernel made ready elsewhere (`fruitflow.warm`); default: `start_here`
         self.workdir, self.log = Path(workdir).resolve(), Path(log or Path(workdir).resolve()/".fruitflow"/"kernel.log")
         self.km, self.used, self.stopped = StepKernelManager(), False, False
         self.ready = concurrent.futures.Future()
-        threading.Thread(target=self._start, args=(steps,), daemon=True, name="fruitflow-kernel-start").start()
+        threading.Thread(target=self._start, args=(start or (lambda: self.start_here(steps)),), daemon=True, name="fruitflow-kernel-start").start()
 
-    def _start(self, steps):
+    def start_here(self, steps: tuple[str, ...]) -> KernelManager:
+        "Start the kernel of `self.km` in the work folder and import the modules of `steps` in it."
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out: self.km.start_kernel(cwd=str(self.workdir), stdout=out, stderr=out,  # the kernel keeps its own copy
+                                                           env=os.environ | {"FRUITFLOW_STEP": ",".join(steps)})  # which steps it is for, for whoever looks
+        if self.stopped: raise RuntimeError("the run ended first")
+        _run_quietly(self.km, _warm_code(step_modules(*steps)), timeout=600)
+        return self.km
+
+    def _start(self, start):
         try:
-            self.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log, "ab") as out: self.km.start_kernel(cwd=str(self.workdir), stdout=out, stderr=out,  # the kernel keeps its own copy
-                                                               env=os.environ | {"FRUITFLOW_STEP": ",".join(steps)})  # which steps it is for, for whoever looks
+            self.km = start()
             if self.stopped: raise RuntimeError("the run ended first")
-            _run_quietly(self.km, _warm_code(step_modules(*steps)), timeout=600)
             self.ready.set_result(self.km)
         except BaseException as e:
             self.stop(now=True)
@@ -137,9 +147,11 @@ class Kernel:
 # %% ../nbs/09_notebooks.ipynb #23ea838a
 _ahead: dict[Path, Kernel] = {}  # kernels started ahead by `start_ahead`, by work folder
 
-def start_ahead(workdir: Path) -> Kernel:
+def start_ahead(workdir: Path,
+                start: Callable[[], KernelManager]|None = None,  # a kernel made ready elsewhere (see `Kernel`)
+               ) -> Kernel:
     "Start the shared kernel for a run in `workdir` now; `shared_kernel` hands it to that run."
-    k = _ahead[Path(workdir).resolve()] = Kernel(workdir)
+    k = _ahead[Path(workdir).resolve()] = Kernel(workdir, start=start)
     return k
 
 @contextlib.contextmanager
@@ -213,7 +225,7 @@ def execute(step: str,  # one of STEPS
             concurrent.futures.wait([ran])
             km.close_clients()  # once papermill's thread is over: a socket is not closed under a thread using it
             with contextlib.suppress(OSError), open(Path(run_dir)/"kernels.log", "a") as l:  # which kernel ran it, for whoever looks
-                print(f"fruitflow: step '{step}' ran in {'the kernel the steps share' if shared else 'a kernel of its own'}, pid {getattr(km.provisioner, 'pid', '?')}", file=l)
+                print(f"fruitflow: step '{step}' ran in {'the kernel the steps share' if shared else 'a kernel of its own'}, pid {km.kernel_pid}{km.origin}", file=l)
             if not shared:
                 with contextlib.suppress(Exception): _in_thread(km.shutdown_kernel, failed is not None).result()  # papermill's own, for this step only
     finally: not_kept = record(out) if out.exists() else None  # on Ctrl-C too; a failed step's notebook above all

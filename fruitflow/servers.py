@@ -30,7 +30,8 @@ def _command(name: str, port: int, workdir: Path) -> tuple[list[str], dict]:
     return ([str(bin_/"mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{(workdir/'mlflow.db').as_posix()}",
              "--artifacts-destination", (workdir/"mlartifacts").as_uri()],
-            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) if name == "mlflow" else (
+           [sys.executable, "-c", "from fruitflow.warm import keep; keep()"], {})  # "kernel": the warm kernel's keeper
 
 # %% ../nbs/13_servers.ipynb #d133be1c
 def _start_time(pid: int) -> int|None:
@@ -148,9 +149,24 @@ def up(args) -> int:
         return 1
     r = running(wd)
     for i in r.values(): _warm_up(i)
+    if args.warm_kernel and _keep_kernel(wd, args.timeout): return 1
     print(f"Prefect: {r['prefect']['url']}\nMLflow:  {r['mlflow']['url']}\n`fruitflow run --workdir {args.workdir}` now uses them; `fruitflow down` stops them.")
     from fruitflow.tracking import settle
     for line in settle(wd): print(line)  # runs that ended while the server was away get their status now
+    return 0
+
+def _keep_kernel(wd: Path, timeout: float) -> int:
+    "Start the warm kernel's keeper (`fruitflow.warm`) in the environment a run in `wd` gets, unless it runs; wait for its first kernel. 1 if that failed."
+    from fruitflow.warm import offer
+    if not (i := running(wd, ("kernel",)).get("kernel")):
+        env_defaults(wd)  # the servers' URLs and fruitflow's defaults, as `fruitflow run` sets them
+        i = _start("kernel", None, wd)
+    end = time.monotonic() + timeout
+    while not (o := offer(wd)) and _start_time(i["pid"]) == i["start"] and time.monotonic() < end: time.sleep(0.2)
+    if not o:
+        print(f"fruitflow up: error: the warm kernel did not start; see {i['log']} (or start with --no-warm-kernel)", file=sys.stderr)
+        return 1
+    print(f"a warm kernel (pid {o['pid']}) waits for the next run")
     return 0
 
 def status(args) -> int:
@@ -159,12 +175,15 @@ def status(args) -> int:
     for n in SERVERS:
         if i := r.get(n): print(f"{n:8} {i['url']:24} pid {i['pid']:<8} {'healthy' if _healthy(i) else 'NOT ANSWERING'}  log {i['log']}")
         else: print(f"{n:8} not running")
+    if i := running(Path(args.workdir), ("kernel",)).get("kernel"):
+        from fruitflow.warm import offer
+        print(f"kernel   {'warm, pid ' + str(o['pid']) if (o := offer(Path(args.workdir))) else 'starting':24} keeper pid {i['pid']:<8} log {i['log']}")
     return 0 if len(r) == len(SERVERS) else 1
 
 def down(args) -> int:
     "`fruitflow down`: stop the servers `up` started over the work folder, and nothing else."
     wd = Path(args.workdir)
-    r = running(wd, SERVERS)
+    r = running(wd, SERVERS + ("kernel",))
     for n, i in r.items():
         _stop(i)
         _pidfile(wd, n).unlink(missing_ok=True)
@@ -178,6 +197,8 @@ def add_parsers(sub) -> None:
     u.add_argument("--prefect-port", type=int, default=8080, help="Prefect server's port (default 8080)")
     u.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server's port (default 5000)")
     u.add_argument("--timeout", type=float, default=300, help="seconds to wait for both to answer (default 300)")
+    u.add_argument("--no-warm-kernel", dest="warm_kernel", action="store_false",
+                   help="keep no warm kernel for the next run (default: one waits, its modules imported; see fruitflow.warm)")
     u.set_defaults(func=up)
     sub.add_parser("status", help="each dashboard's URL, pid, health and log").set_defaults(func=status)
     sub.add_parser("down", help="stop the dashboards that `fruitflow up` started").set_defaults(func=down)

@@ -124,7 +124,7 @@ def _one_line(err: str) -> str:
 
 def test_mlflow_server_lost_mid_run_ends_the_run_once_it_is_back(tmp_path):
     "The MLflow server is killed as training starts: bounded retries, one line, and `fruitflow up` marks the run FAILED later."
-    ports = ["--prefect-port", free_port(), "--mlflow-port", free_port()]
+    ports = ["--prefect-port", free_port(), "--mlflow-port", free_port(), "--no-warm-kernel"]  # a lost MLflow server is the point, not the kernel
     assert (up := fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)).returncode == 0, up.stdout + up.stderr
     uri = f"http://127.0.0.1:{ports[3]}"
     try:
@@ -147,7 +147,7 @@ def test_mlflow_server_lost_mid_run_ends_the_run_once_it_is_back(tmp_path):
 
 def test_mlflow_server_lost_mid_sweep_ends_every_run_once_it_is_back(tmp_path):
     "The MLflow server is killed as the sweep's trials start: one line, and `fruitflow up` marks the sweep's run and both trials' FAILED later."
-    ports = ["--prefect-port", free_port(), "--mlflow-port", free_port()]
+    ports = ["--prefect-port", free_port(), "--mlflow-port", free_port(), "--no-warm-kernel"]  # a lost MLflow server is the point, not the kernel
     assert (up := fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)).returncode == 0, up.stdout + up.stderr
     uri = f"http://127.0.0.1:{ports[3]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}

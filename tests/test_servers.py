@@ -52,13 +52,20 @@ def dashboards(tmp_path_factory):
     try: yield wd, f"http://127.0.0.1:{pp}", f"http://127.0.0.1:{mp}"
     finally: fruitflow("down", workdir=wd, timeout=120)
 
+def _offer(wd: Path) -> dict:
+    "The warm kernel the keeper offers (waiting for it)."
+    f, end = wd/".fruitflow"/"warm-kernel.json", time.monotonic() + 300
+    while not f.exists(): assert time.monotonic() < end, "no warm kernel on offer"; time.sleep(0.2)
+    return json.loads(f.read_text())
+
 @pytest.fixture(scope="module")
 def first_run(dashboards):
-    "The first pipeline run right after `up`, no variable set: (completed process, MLflow run)."
+    "The first pipeline run right after `up`, no variable set: (completed process, MLflow run, the warm kernel it was offered)."
     wd, prefect, mlflow = dashboards
+    offer = _offer(wd)  # `up` returned once it was offered
     p = fruitflow(*RUN, workdir=wd)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p, runs(wd)[0]
+    return p, runs(wd)[0], offer
 
 def test_up_twice_and_status(dashboards):
     wd, prefect, mlflow = dashboards
@@ -73,7 +80,7 @@ def test_up_twice_and_status(dashboards):
 
 def test_run_uses_the_servers(dashboards, first_run):
     wd, prefect, mlflow = dashboards
-    p, run = first_run
+    p, run, offer = first_run
     assert f"({mlflow})" in p.stdout, p.stdout  # "MLflow run <id> (<tracking uri>)": the server, found through the pid file
     flow_run_id = run.data.tags["prefect.flow_run_id"]
     fr = _api(f"{prefect}/api/flow_runs/{flow_run_id}")
@@ -134,6 +141,29 @@ def test_rerun_adds_a_run(dashboards, first_run):
     flows = _api(f"{prefect}/api/flow_runs/filter", {"flow_runs": {"id": {"any_": [r.data.tags["prefect.flow_run_id"] for r in after]}}})
     assert len(flows) == len(after) and all(f["state_type"] == "COMPLETED" for f in flows)
 
+def test_run_takes_the_warm_kernel(dashboards, first_run):
+    "Every step of the first run ran in the kernel `up`'s keeper offered; the keeper offers another once the run is over; a run in another environment starts its own."
+    wd = dashboards[0]
+    p, run, offer = first_run
+    log = (Path(run.data.tags["run_dir"])/"kernels.log").read_text()
+    assert log.count(f"the kernel the steps share, pid {offer['pid']}, kept warm by `fruitflow up`") == 5, log
+    assert not psutil_alive(offer["pid"])  # the run killed it at its end
+    again = _offer(wd)
+    assert again["pid"] != offer["pid"] and psutil_alive(again["pid"])
+    s = fruitflow("status", workdir=wd, timeout=60)
+    assert f"kernel   warm, pid {again['pid']}" in s.stdout, s.stdout
+    other = fruitflow(*RUN, workdir=wd, env={"FRUITFLOW_TEST_OTHER_ENVIRONMENT": "1"})  # the kernel would not have this variable
+    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+    log = (Path(runs(wd)[0].data.tags["run_dir"])/"kernels.log").read_text()
+    assert log.count("the kernel the steps share, pid") == 5 and "kept warm" not in log, log
+    assert _offer(wd)["pid"] == again["pid"] and psutil_alive(again["pid"])  # still on offer for a run of up's environment
+
+def psutil_alive(pid: int) -> bool:
+    "Is process `pid` running (not a zombie)?"
+    import psutil
+    try: return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error: return False
+
 def _heartbeats(prefect: str, flow_run_id: str) -> int:
     "How many heartbeat events the Prefect server holds for the flow run."
     return _api(f"{prefect}/api/events/filter", {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
@@ -182,11 +212,13 @@ def test_user_variables_win(tmp_path, monkeypatch):
     finally: os.environ.clear(); os.environ.update(saved)  # env_defaults sets more than this test wants to keep
 
 def test_down_stops_everything_it_started(dashboards):
-    "`down` stops both servers, each with its whole process group, and `status` then says so."
+    "`down` stops both servers, each with its whole process group, and the warm kernel's keeper with its kernel; `status` then says so."
     wd = dashboards[0]
-    pgids = [json.loads((wd/".fruitflow"/f"{n}.json").read_text())["pid"] for n in ("prefect", "mlflow")]
-    assert all(_group(g) for g in pgids)
+    pgids = [json.loads((wd/".fruitflow"/f"{n}.json").read_text())["pid"] for n in ("prefect", "mlflow", "kernel")]
+    kernel = _offer(wd)["pid"]
+    assert all(_group(g) for g in pgids) and psutil_alive(kernel)
     p = fruitflow("down", workdir=wd, timeout=120)
-    assert p.returncode == 0 and all(f"stopped {n}" in p.stdout for n in ("prefect", "mlflow")), p.stdout + p.stderr
+    assert p.returncode == 0 and all(f"stopped {n}" in p.stdout for n in ("prefect", "mlflow", "kernel")), p.stdout + p.stderr
     assert not any(_group(g) for g in pgids), {g: _group(g) for g in pgids}
+    assert not psutil_alive(kernel) and not (wd/".fruitflow"/"warm-kernel.json").exists()
     assert fruitflow("status", workdir=wd, timeout=60).returncode == 1
