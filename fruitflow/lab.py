@@ -85,7 +85,8 @@ def lab_command(root: Path,  # the folder JupyterLab serves
     "The `jupyter lab` command line: loopback only, token auth (from $JUPYTER_TOKEN), saves cleaned by `clean_on_save`."
     return [sys.executable, "-m", "jupyterlab", f"--ServerApp.ip={HOST}", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
             f"--ServerApp.root_dir={root}", f"--ServerApp.open_browser={browser}", "--ContentsManager.pre_save_hook=fruitflow.lab.clean_on_save",
-            *([f"--LabApp.default_url=/lab/tree/{open_path}"] if open_path else [])]
+            *([f"--LabApp.default_url=/lab/tree/{open_path}"] if open_path else []),
+            *(["--ServerApp.allow_root=True"] if os.geteuid() == 0 else [])]  # as root (a container, CI) it refuses to start otherwise
 
 # %% ../nbs/19_lab.ipynb #4fdc647b
 def _start_ticks(pid: int) -> int|None:
@@ -153,7 +154,8 @@ def lab(args) -> int:
     pidfile.write_text(json.dumps(dict(name=LAB, pid=p.pid, start=_start_ticks(p.pid), port=args.port, url=url, log=str(log), root=str(root))))
     try:
         if not _wait_up(p, url, args.timeout):
-            print(f"fruitflow lab: error: JupyterLab did not answer within {args.timeout:.0f} s; see {log}", file=sys.stderr)
+            why = f"exited with code {p.returncode}" if p.poll() is not None else f"did not answer within {args.timeout:.0f} s"
+            print(f"fruitflow lab: error: JupyterLab {why}; see {log}", file=sys.stderr)
             return 1
         if open_path: _api(f"{url}/api/sessions", token, {"path": open_path, "type": "notebook", "name": Path(open_path).name, "kernel": {"name": "python3"}})
         print(f"JupyterLab: {url}/lab{'/tree/' + open_path if open_path else ''}?token={token}", flush=True)
