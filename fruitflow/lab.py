@@ -94,6 +94,11 @@ def _start_ticks(pid: int) -> int|None:
     try: return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError): return None
 
+def _secret(path: Path, token: str):
+    "Write `token` to a new file `path` that only this user can read."
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f: f.write(token)
+
 def _api(url: str, token: str, body: dict|None = None, method: str|None = None) -> dict:
     "Call JupyterLab's REST API with the token; the decoded answer."
     req = urllib.request.Request(url, json.dumps(body).encode() if body is not None else None, method=method,
@@ -144,16 +149,21 @@ def lab(args) -> int:
         except OSError:
             print(f"fruitflow lab: error: port {args.port} on {HOST} is taken; choose another with --port", file=sys.stderr)
             return 1
-    token, url, log = secrets.token_urlsafe(32), f"http://{HOST}:{args.port}", wd/STATE/f"{LAB}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    token, url, state = secrets.token_urlsafe(32), f"http://{HOST}:{args.port}", wd/STATE
+    state.mkdir(parents=True, exist_ok=True)
+    secret, pidfile, log = state/f"{LAB}.token", state/f"{LAB}.json", state/f"{LAB}.log"
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTER_TOKEN"} | {"JUPYTER_TOKEN_FILE": str(secret)}  # its kernels inherit no token
     interrupt_on_signals()
-    with open(log, "ab") as f:
-        p = subprocess.Popen(lab_command(root, args.port, not args.no_browser, open_path), cwd=root, env=os.environ | {"JUPYTER_TOKEN": token},
-                             stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    pidfile = wd/STATE/f"{LAB}.json"
-    pidfile.write_text(json.dumps(dict(name=LAB, pid=p.pid, start=_start_ticks(p.pid), port=args.port, url=url, log=str(log), root=str(root))))
+    p = None
     try:
-        if not _wait_up(p, url, args.timeout):
+        _secret(secret, token)
+        with open(log, "ab") as f:
+            p = subprocess.Popen(lab_command(root, args.port, not args.no_browser, open_path), cwd=root, env=env,
+                                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        pidfile.write_text(json.dumps(dict(name=LAB, pid=p.pid, start=_start_ticks(p.pid), port=args.port, url=url, log=str(log), root=str(root))))
+        up = _wait_up(p, url, args.timeout)
+        secret.unlink(missing_ok=True)  # read once it answers
+        if not up:
             why = f"exited with code {p.returncode}" if p.poll() is not None else f"did not answer within {args.timeout:.0f} s"
             print(f"fruitflow lab: error: JupyterLab {why}; see {log}", file=sys.stderr)
             return 1
@@ -162,9 +172,12 @@ def lab(args) -> int:
         print(f"serving {root}; Ctrl-C stops it and its kernels", flush=True)
         return 0 if p.wait() == 0 else 1
     except KeyboardInterrupt: return 0
+    except OSError as e:  # the token file, the log, the session's kernel
+        print(f"fruitflow lab: error: {e}; see {log}", file=sys.stderr)
+        return 1
     finally:
-        _stop(p)
-        pidfile.unlink(missing_ok=True)
+        secret.unlink(missing_ok=True)
+        if p: _stop(p); pidfile.unlink(missing_ok=True)
 
 # %% ../nbs/19_lab.ipynb #f57b4107
 def lab_screenshot(png: Path,  # the PNG to write

@@ -73,6 +73,7 @@ def test_lab_is_loopback_with_token_auth(lab):
     with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(f"{lab.url}/api/contents/{TRAIN}", timeout=30)
     assert e.value.code == 403  # no token, no notebook
     assert lab.token not in (lab.workdir/".fruitflow"/"lab.log").read_text()  # JupyterLab shows it as "..."
+    assert not (lab.workdir/".fruitflow"/"lab.token").exists()  # the file that handed it over is gone
     with pytest.raises(OSError): urllib.request.urlopen(f"http://127.0.0.2:{lab.port}/api", timeout=5)  # loopback 127.0.0.1 only
     s = fruitflow("status", "--workdir", lab.workdir, workdir=lab.workdir, timeout=60)
     line = next(l for l in s.stdout.splitlines() if l.startswith("lab"))
@@ -108,7 +109,7 @@ def test_notebook_opens_and_runs_in_the_browser(lab, train_notebook, tmp_path):
     text = lambda d: d.execute_script("return document.body ? document.body.textContent : ''")
     with browser() as d:
         d.get(f"{lab.url}/lab/tree/{TRAIN}?token={lab.token}")
-        WebDriverWait(d, 120).until(lambda d: 'split_dir: str = "split"' in text(d) and "Kernel status: Idle" in d.page_source)
+        WebDriverWait(d, 300).until(lambda d: 'split_dir: str = "split"' in text(d) and "Kernel status: Idle" in d.page_source, "the notebook, its kernel idle")
         params = d.execute_script("return [...document.querySelectorAll('.jp-CodeCell')].find(c => c.textContent.includes('split_dir: str'))")
         params.find_element(By.CSS_SELECTOR, ".cm-content").click()
         keys = ActionChains(d)
@@ -117,7 +118,7 @@ def test_notebook_opens_and_runs_in_the_browser(lab, train_notebook, tmp_path):
         keys.send_keys("import fruitflow; print('got', split_dir, epochs, fruitflow.__file__)").pause(0.5)
         keys.key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
         want = f"got split 10 {ROOT/'fruitflow'/'__init__.py'}"
-        WebDriverWait(d, 180).until(lambda d: any(want in o.text for o in d.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")))
+        WebDriverWait(d, 300).until(lambda d: any(want in o.text for o in d.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")), f"the output {want!r}")
         d.save_screenshot(str(tmp_path/"lab-train.png"))
     assert (tmp_path/"lab-train.png").stat().st_size > 20_000
     assert (ROOT/TRAIN).read_bytes() == train_notebook  # nothing saved
@@ -151,7 +152,7 @@ def test_failed_step_reopens_with_its_error(failed_run, tmp_path):
         with browser() as d:
             d.get(lab.link)
             text = lambda d: d.execute_script("return document.body ? document.body.textContent : ''")
-            WebDriverWait(d, 120).until(lambda d: "DataError" in text(d) and "class 'orange'" in text(d) and 'mlflow_run_id = ""' in text(d))
+            WebDriverWait(d, 300).until(lambda d: "DataError" in text(d) and "class 'orange'" in text(d) and 'mlflow_run_id = ""' in text(d), "the error output")
             assert d.execute_script("return document.querySelectorAll('.jp-OutputArea-output[data-mime-type=\"application/vnd.jupyter.stderr\"]').length") > 0
         m = lab.api(f"/api/contents/runs/{run_dir.name}/{copy.name}")  # saved unchanged outside nbs/: the error output stays
         lab.api(f"/api/contents/runs/{run_dir.name}/{copy.name}", {"type": "notebook", "format": "json", "content": m["content"]}, "PUT")
@@ -169,7 +170,7 @@ def test_sigterm_stops_lab_and_its_kernels(lab):
     import psutil
     lab.api("/api/sessions", {"path": TRAIN, "type": "notebook", "name": "03_train.ipynb", "kernel": {"name": "python3"}})
     kernels = _kernels(lab.jupyter)
-    assert kernels
+    assert kernels and not any(lab.token in v for k in kernels for v in k.environ().values())  # a notebook cannot read the token
     lab.proc.send_signal(signal.SIGTERM)
     assert lab.proc.wait(60) == 0
     assert not psutil.wait_procs(kernels, timeout=10)[1] and not psutil.pid_exists(lab.jupyter)
