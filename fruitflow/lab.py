@@ -114,6 +114,12 @@ def _wait_up(p: subprocess.Popen, url: str, timeout: float) -> bool:
         except OSError: time.sleep(0.3)
     return False
 
+def _open(url: str) -> bool:
+    "Does the JupyterLab at `url` list its files to a request without the token?"
+    try:
+        with urllib.request.urlopen(url + "/api/contents", timeout=10): return True
+    except OSError: return False
+
 def _stop(p: subprocess.Popen, grace: float = 20):
     "Stop JupyterLab (SIGTERM: it shuts its kernels down), then any kernel it left; killed after `grace` seconds."
     import psutil
@@ -166,6 +172,9 @@ def lab(args) -> int:
         if not up:
             why = f"exited with code {p.returncode}" if p.poll() is not None else f"did not answer within {args.timeout:.0f} s"
             print(f"fruitflow lab: error: JupyterLab {why}; see {log}", file=sys.stderr)
+            return 1
+        if _open(url):
+            print(f"fruitflow lab: error: JupyterLab served its files without the token (a Jupyter config of yours turns its auth off: `jupyter --paths`); stopped it", file=sys.stderr)
             return 1
         if open_path: _api(f"{url}/api/sessions", token, {"path": open_path, "type": "notebook", "name": Path(open_path).name, "kernel": {"name": "python3"}})
         print(f"JupyterLab: {url}/lab{'/tree/' + open_path if open_path else ''}?token={token}", flush=True)

@@ -180,3 +180,12 @@ def test_sigterm_stops_lab_and_its_kernels(lab):
 def test_bad_run_is_one_line(tmp_path, args, says):
     p = fruitflow("lab", "--no-browser", "--workdir", tmp_path, *args, workdir=tmp_path, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and says in p.stderr, p.stderr
+
+def test_a_config_turning_auth_off_is_refused(tmp_path):
+    "A Jupyter config of the user's that empties the token: `fruitflow lab` finds JupyterLab open to anyone, stops it, says so."
+    (tmp_path/"config").mkdir()
+    (tmp_path/"config"/"jupyter_server_config.py").write_text('c.IdentityProvider.token = ""\n')
+    p = fruitflow("lab", "--no-browser", "--port", free_port(), "--workdir", tmp_path, workdir=tmp_path,
+                  env={"JUPYTER_CONFIG_DIR": str(tmp_path/"config")}, timeout=300)
+    assert p.returncode == 1 and "without the token" in p.stderr and "JupyterLab: " not in p.stdout, p.stdout + p.stderr
+    assert not (tmp_path/".fruitflow"/"lab.json").exists()
