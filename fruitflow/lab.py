@@ -82,7 +82,7 @@ def lab_command(root: Path,  # the folder JupyterLab serves
                 browser: bool = True,  # open a browser tab
                 open_path: str = "",  # a notebook to open, relative to `root`
                ) -> list[str]:
-    "The `jupyter lab` command line: loopback only, token auth (from $JUPYTER_TOKEN), saves cleaned by `clean_on_save`."
+    "The `jupyter lab` command line: loopback only, token auth (the token from $JUPYTER_TOKEN_FILE), saves cleaned by `clean_on_save`."
     return [sys.executable, "-m", "jupyterlab", f"--ServerApp.ip={HOST}", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
             f"--ServerApp.root_dir={root}", f"--ServerApp.open_browser={browser}", "--ContentsManager.pre_save_hook=fruitflow.lab.clean_on_save",
             *([f"--LabApp.default_url=/lab/tree/{open_path}"] if open_path else []),
