@@ -170,7 +170,7 @@ class StepFailed(RuntimeError):
     "A step notebook that did not run to its end."
     def __init__(self, step: str, notebook: Path, reason: str, scraps: dict|None = None):
         self.step, self.notebook, self.reason, self.scraps = step, Path(notebook), reason, scraps or {}
-        super().__init__(f"step '{step}' failed: {reason} (executed notebook: {notebook})")
+        super().__init__(f"step '{step}' failed: {reason} (debug it: fruitflow lab --run {self.notebook.parent} --step {step}; executed notebook: {notebook})")
 
 def _reason(e: BaseException, timeout: int) -> str:
     "What went wrong in a notebook, in one line."

@@ -74,7 +74,8 @@ CAPTIONS = {"prefect-flow-runs.png": "Prefect: the pipeline's flow runs", "prefe
             "prefect-artifact.png": "Prefect: the run's markdown artifact with its metrics and a link to MLflow",
             "mlflow-runs.png": "MLflow: the experiment's runs", "mlflow-metrics.png": "MLflow: the run's metric charts (per epoch and test)",
             "mlflow-system-metrics.png": "MLflow: the run's system metrics", "mlflow-artifacts.png": "MLflow: the run's artifacts (executed notebooks, weights, model, evaluation)",
-            "mlflow-model.png": "MLflow Model Registry: the registered model and its versions"}
+            "mlflow-model.png": "MLflow Model Registry: the registered model and its versions",
+            "jupyterlab-train.png": "JupyterLab (`fruitflow lab`): the train step's notebook, its parameters cell, where a step is edited and run"}
 
 def screenshot_block(img: Path, report_dir: Path) -> str:
     "Markdown image links with captions for the screenshots in `img`."
@@ -147,6 +148,8 @@ def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_ven
                                                       env | {"MLFLOW_TRACKING_URI": r["mlflow"]["url"]})
         print("saving the screenshots", flush=True)
         shots = screenshots(img, workdir)
+        from fruitflow.lab import lab_screenshot
+        shots.append(lab_screenshot(img/"jupyterlab-train.png", workdir))  # a step notebook in JupyterLab
     finally:
         if started: subprocess.run([*shlex.split(ff), "down", "--workdir", str(workdir)], env=env, capture_output=True)
     img.mkdir(parents=True, exist_ok=True)

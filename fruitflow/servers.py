@@ -17,7 +17,7 @@ __all__ = ['HOST', 'STATE', 'SERVERS', 'HEALTH', 'API', 'WARM', 'PARENT', 'runni
 HOST = "127.0.0.1"  # loopback only
 STATE = ".fruitflow"  # pid files and logs, in the work folder
 SERVERS = ("prefect", "mlflow")  # in start order
-HEALTH = {"prefect": "/api/health", "mlflow": "/health"}  # each server's health endpoint
+HEALTH = {"prefect": "/api/health", "mlflow": "/health", "lab": "/api"}  # each server's health endpoint (lab: `fruitflow lab`'s JupyterLab)
 API = {"prefect": "/api", "mlflow": ""}  # what a client appends to the server's URL
 
 def _command(name: str, port: int, workdir: Path) -> tuple[list[str], dict]:
@@ -175,15 +175,16 @@ def status(args) -> int:
     for n in SERVERS:
         if i := r.get(n): print(f"{n:8} {i['url']:24} pid {i['pid']:<8} {'healthy' if _healthy(i) else 'NOT ANSWERING'}  log {i['log']}")
         else: print(f"{n:8} not running")
+    if i := running(Path(args.workdir), ("lab",)).get("lab"): print(f"{'lab':8} {i['url']:24} pid {i['pid']:<8} {'healthy' if _healthy(i) else 'NOT ANSWERING'}  log {i['log']}")  # `fruitflow lab`
     if i := running(Path(args.workdir), ("kernel",)).get("kernel"):
         from fruitflow.warm import offer
         print(f"kernel   {'warm, pid ' + str(o['pid']) if (o := offer(Path(args.workdir))) else 'starting':24} keeper pid {i['pid']:<8} log {i['log']}")
     return 0 if len(r) == len(SERVERS) else 1
 
 def down(args) -> int:
-    "`fruitflow down`: stop the servers `up` started over the work folder, and nothing else."
+    "`fruitflow down`: stop the servers `up` (and `fruitflow lab`) started over the work folder, and nothing else."
     wd = Path(args.workdir)
-    r = running(wd, SERVERS + ("kernel",))
+    r = running(wd, SERVERS + ("kernel", "lab"))  # and the warm kernel's keeper, and `fruitflow lab`'s JupyterLab
     for n, i in r.items():
         _stop(i)
         _pidfile(wd, n).unlink(missing_ok=True)
