@@ -6,10 +6,13 @@ Start a server first (`fruitflow serve`), then, from the folder whose registry i
 
 One-image requests: p50/p95 latency; batches (one multipart request of --batch images): images/s. The same
 images go through `fruitflow.serve.load_model(...)` in this process (decode check + one `predict` call,
-what `fruitflow predict` does), and the ratio HTTP / in-process is printed.
+what `fruitflow predict` does), and the ratio HTTP / in-process is printed. Then the model step alone, on the
+same decoded images, alternated: Keras' `predict` (what the pyfunc called before) beside
+`fruitflow.predict.batched_predict` (what it calls now), and their ratio.
 """
 from __future__ import annotations
 import argparse, http.client, json, statistics, sys, time
+import numpy as np
 from pathlib import Path
 
 def _multipart(files: list[Path], boundary: str = "fruitflow-bench-7c1e") -> tuple[bytes, dict]:
@@ -61,5 +64,22 @@ def main():
                        ("one image p95 (ms)", _pct(one, 95) * 1e3, _pct(local_one, 95) * 1e3),
                        ("batch images/s", len(batch) / statistics.median(many), len(batch) / statistics.median(local_many))]:
         print(f"{name:24}{h:10.1f}{l:12.1f}{h / l:8.2f}")
+    _model_step(model, files, batch, args.n)
+
+def _model_step(model, files: list[Path], batch: list[Path], n: int):
+    "Keras' `predict` against `batched_predict` on the same arrays, alternated call by call: p50 ms and their ratio."
+    from fruitflow.core import load_image, to_array
+    from fruitflow.predict import batched_predict
+    keras_model, size = model.unwrap_python_model().model, model.unwrap_python_model().image_size
+    arrays = lambda ps: np.stack([to_array(load_image(p.read_bytes(), size=size), size) for p in ps]).astype("float32")
+    print(f"{'model step p50 (ms)':24}{'predict':>10}{'batched':>12}{'ratio':>8}")
+    for name, xs in (("one image", [arrays([f]) for f in files]), (f"batch of {len(batch)}", [arrays(batch)])):
+        old, new = [], []
+        for i in range(n + 2):
+            x = xs[i % len(xs)]
+            old.append(_timed(lambda a: keras_model.predict(a, verbose=0), x)); new.append(_timed(batched_predict, keras_model, x))
+            if i == 0: assert np.array_equal(keras_model.predict(x, verbose=0), batched_predict(keras_model, x)), "not the same answers"
+        o, b = _pct(old[2:], 50) * 1e3, _pct(new[2:], 50) * 1e3
+        print(f"{name:24}{o:10.1f}{b:12.1f}{o / b:8.2f}")
 
 if __name__ == "__main__": main()
