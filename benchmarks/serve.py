@@ -108,9 +108,10 @@ def _server_rss(port: int) -> int:
 def _client(url: str, files: list[Path], over: bytes, end: float, k: int, out: dict, lock: threading.Lock):
     "One client: requests of each kind in turn until `end`; statuses, latencies and errors into `out`."
     host, port = url.removeprefix("http://").split(":")
-    conn, i, batch = http.client.HTTPConnection(host, int(port), timeout=60), k, _multipart(files[:2])
+    conn, i, batch, last = http.client.HTTPConnection(host, int(port), timeout=60), k, _multipart(files[:2]), time.monotonic()
     while time.monotonic() < end:
         kind, i = KINDS[i % len(KINDS)], i + 1
+        if time.monotonic() - last > 4: conn.close()  # idle near the server's keep-alive timeout (5 s): a new connection, not a race with its close
         t0 = time.perf_counter()
         try:
             if kind == "oversized":  # urllib: the whole body, then the answer
@@ -119,7 +120,7 @@ def _client(url: str, files: list[Path], over: bytes, end: float, k: int, out: d
             else:
                 body, headers = {"good": (files[i % len(files)].read_bytes(), {"Content-Type": "image/jpeg"}), "batch": batch,
                                  "text": (b"not a photo", {"Content-Type": "application/octet-stream"})}[kind]
-                conn.request("POST", "/predict", body, headers); r = conn.getresponse(); r.read(); status = r.status
+                conn.request("POST", "/predict", body, headers); r = conn.getresponse(); r.read(); status, last = r.status, time.monotonic()
         except (OSError, http.client.HTTPException) as e:
             with lock: out["dropped"].append(f"{kind}: {type(e).__name__}: {e}")
             conn.close(); continue
