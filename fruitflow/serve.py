@@ -60,7 +60,10 @@ def load_model(uri: str = DEFAULT_MODEL,  # an MLflow model URI
     except Exception as e:
         from mlflow.exceptions import MlflowException
         if not isinstance(e, (MlflowException, OSError)): raise
-        raise ModelError(f"model {uri} cannot be loaded from {reg}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from e
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if uri.endswith("@champion") and "alias champion not found" in why:  # every version so far waits as the challenger (too few test images, say)
+            why += f" No version has become the champion yet; the latest that did not is {uri.removesuffix('@champion')}@challenger."
+        raise ModelError(f"model {uri} cannot be loaded from {reg}: {why}") from e
 
 # %% ../nbs/12_serve.ipynb #78931235
 def _rows(model,  # a loaded pyfunc

@@ -103,6 +103,8 @@ def test_three_classes_predict_and_serve_answer_with_the_models_names(three_clas
     wd, _, run = three_classes
     images = sample(wd.parent/"photos", ["Apples", "oranges", "Lemons"])
     keys = ["file", "label", "p_apple", "p_lemon", "p_orange"]
+    no_champion = one_line(fruitflow("predict", images[0], workdir=wd, timeout=300))  # the default, @champion: none yet, and the line says where to look
+    assert "models:/fruitflow@champion" in no_champion and "the latest that did not is models:/fruitflow@challenger" in no_champion, no_champion
     rows = predict_json(wd, "models:/fruitflow@challenger", images)
     assert [list(r) for r in rows] == [keys] * 3 and all(r["label"] in ("apple", "lemon", "orange") for r in rows), rows
     assert all(abs(sum(r[k] for k in keys[2:]) - 1) < 1e-5 for r in rows)
