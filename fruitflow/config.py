@@ -42,6 +42,7 @@ class Config(BaseModel):
     experiment: str = Field(EXPERIMENT, min_length=1)  # MLflow experiment
     model_name: str = Field(MODEL_NAME, min_length=1, pattern=r"^[\w.-]+$")  # registered model
     min_accuracy: float = Field(0.5, ge=0, le=1)  # a champion's lowest test accuracy
+    min_test_images: int = Field(10, ge=0)  # a test accuracy on fewer images never makes a champion
     base_url: str = GITHUB  # where the lab's images are
     workdir: Path = Path(".")  # where data/, runs/, mlflow.db and mlartifacts/ live
     tracking_uri: str = ""  # MLflow; "" means $MLFLOW_TRACKING_URI or the embedded store
@@ -113,6 +114,7 @@ def data_options(p: argparse.ArgumentParser):
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
     p.add_argument("--model-name", default=MODEL_NAME, help=f"registered model name (default {MODEL_NAME})")
     p.add_argument("--min-accuracy", type=float, default=0.5, help="lowest test accuracy of a champion (default 0.5)")
+    p.add_argument("--min-test-images", type=int, default=10, help="fewest test images a champion's accuracy is measured on (default 10)")
     p.add_argument("--base-url", default=GITHUB, help="where the lab's images are")
     p.add_argument("--step-timeout", type=int, default=3600, help="seconds one notebook cell may run (default 3600)")
     p.add_argument("--workdir", default=".", help="folder of data/, runs/, mlflow.db, mlartifacts/ (default: here)")

@@ -239,6 +239,7 @@ def write_manifest(folder: Path,  # one sub-folder per class
     rows = []
     for c in classes:
         keep, skip = list_images(c, root=folder)
+        if not keep and not skip: raise DownloadError(f"class {c.name!r} ({c}) is an empty folder: every class folder needs images of its class")
         rows += [dict(path=str(p), label=c.name, sha256=file_sha256(p), bytes=p.stat().st_size, **dict(zip(("format", "width", "height"), _describe(p))), skipped="") for p in keep]
         rows += [dict(path=p, label=c.name, sha256="", bytes=0, format="", width=0, height=0, skipped=why) for p, why in skip]
     Path(path).parent.mkdir(parents=True, exist_ok=True)

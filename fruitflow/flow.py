@@ -50,6 +50,7 @@ def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder
              experiment: str = EXPERIMENT,  # MLflow experiment
              model_name: str = MODEL_NAME,  # registered model
              min_accuracy: float = 0.5,  # a champion's lowest test accuracy
+             min_test_images: int = 10,  # fewest test images a champion's accuracy is measured on
              base_url: str = GITHUB,  # where the lab's images are
              workdir: str = ".",  # where data/, runs/, mlflow.db and mlartifacts/ live
              tracking_uri: str = "",  # MLflow ("": $MLFLOW_TRACKING_URI or the embedded store)
@@ -73,5 +74,6 @@ def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder
         got |= step("evaluate", dict(split_dir=got["split_dir"], model_path=got["model_path"], out_dir=str(run.dir/"evaluation"),
                                      batch_size=cfg.batch_size), run, kernel)
         got |= step("register", dict(model_uri=got["model_uri"], model_name=cfg.model_name, test_accuracy=float(got["test_accuracy"]),
-                                     data_source=got["data_source"], min_accuracy=cfg.min_accuracy), run, kernel)
+                                     data_source=got["data_source"], min_accuracy=cfg.min_accuracy,
+                                     n_test=int(got["n_test"]), min_test_images=cfg.min_test_images), run, kernel)
     return got | {"run_id": run.id, "run_dir": str(run.dir)}

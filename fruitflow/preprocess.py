@@ -10,7 +10,7 @@ import numpy as np
 from .core import ImageError, load_image, to_array
 
 # %% auto #0
-__all__ = ['DataError', 'stratified_split', 'preprocess']
+__all__ = ['DataError', 'stratified_split', 'class_names', 'preprocess']
 
 # %% ../nbs/02_preprocess.ipynb #96af1b53
 class DataError(ValueError):
@@ -26,6 +26,24 @@ def stratified_split(labels: np.ndarray, val_ratio: float, test_ratio: float, se
         out["train"] += idx[n_test + n_val:].tolist()
     return {k: sorted(v) for k, v in out.items()}
 
+# %% ../nbs/02_preprocess.ipynb #02276eb0
+def _singular(name: str) -> str:
+    "`name` in lower case and singular: Apples → apple, cherries → cherry, peaches → peach, mangoes → mango; glass stays."
+    n = name.strip().lower()
+    for end, by in (("ies", "y"), ("ches", "ch"), ("shes", "sh"), ("sses", "ss"), ("xes", "x"), ("oes", "o")):
+        if n.endswith(end) and len(n) > len(end): return n[:-len(end)] + by
+    return n[:-1] if n.endswith("s") and not n.endswith("ss") and len(n) > 1 else n
+
+def class_names(folders: list[str],  # the dataset's class folder names
+               ) -> dict[str, str]:
+    "Each folder's class name: lower-case singular for apples-and-oranges data, the folder's own name for any other."
+    names = {f: _singular(f) for f in folders}
+    if not {"apple", "orange"} <= set(names.values()): return {f: f for f in folders}
+    for f in folders:
+        if (same := [g for g in folders if names[g] == names[f]]) != [f]:
+            raise DataError(f"class folders {' and '.join(map(repr, same))} both give the class {names[f]!r}: merge them into one")
+    return names
+
 # %% ../nbs/02_preprocess.ipynb #41719c0a
 def _read_manifest(path):
     with open(path, newline="") as f: return list(csv.DictReader(f))
@@ -40,8 +58,11 @@ def preprocess(manifest_path: Path,  # the manifest CSV of the download step
               ) -> dict:
     "Decode, resize and split the images listed in `manifest_path` into `out_dir`."
     rows, out_dir = _read_manifest(manifest_path), Path(out_dir)
+    names = class_names(sorted({r["label"] for r in rows}))
+    for r in rows: r["label"] = names[r["label"]]
     folders = {r["label"]: str(Path(r["path"]).parent) for r in rows}
     classes = sorted(folders)
+    if len(classes) < 2: raise DataError(f"one class only ({', '.join(f'{c!r} in {folders[c]}' for c in classes)}): at least two class folders are needed")
     skipped = [(r["path"], r["skipped"]) for r in rows if r["skipped"]]
     rows = [r for r in rows if not r["skipped"]]
     out_dir.mkdir(parents=True, exist_ok=True)

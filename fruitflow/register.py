@@ -4,6 +4,7 @@
 
 # %% ../nbs/05_register.ipynb #378fa2a9
 from __future__ import annotations
+import json
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -16,10 +17,14 @@ def promotion(acc: float,  # the new version's test accuracy
               source: str,  # the new version's data source
               champion: dict|None,  # the champion's `test_accuracy` and `data_source`, None if there is none
               min_accuracy: float = 0.5,  # the floor for any champion
+              n_test: int = 0,  # how many test images `acc` was measured on
+              min_test_images: int = 10,  # fewer, and `acc` means too little for any champion
              ) -> tuple[bool, str]:
     "Should the new version become the champion, and why."
-    if acc < min_accuracy: return False, f"test accuracy {acc:.3f} is below the minimum {min_accuracy:.3f}"
-    if champion is None: return True, "there is no champion yet"
+    on = f"on {n_test} test image{'s' * (n_test != 1)}"
+    if n_test < min_test_images: return False, f"test accuracy {acc:.3f} {on}: a champion needs at least {min_test_images} (--min-test-images; more images per class make a larger test split)"
+    if acc < min_accuracy: return False, f"test accuracy {acc:.3f} {on} is below the minimum {min_accuracy:.3f}"
+    if champion is None: return True, f"there is no champion yet; test accuracy {acc:.3f} {on}"
     c_acc, c_src = float(champion.get("test_accuracy", 0)), champion.get("data_source", "")
     if source == "synthetic" and c_src != "synthetic": return False, f"trained on synthetic images; the champion was trained on real photos ({c_src})"
     if c_src == "synthetic" and source != "synthetic": return True, f"trained on real photos ({source}); the champion was trained on synthetic images"
@@ -33,6 +38,11 @@ def _champion(client: MlflowClient, name: str, alias: str):
     try: return client.get_model_version_by_alias(name, alias)
     except MlflowException: return None
 
+def _classes(model_uri: str) -> list[str]:
+    "The class names of the logged model at `model_uri`: its signature's `p_<class>` outputs ([] without a signature)."
+    sig = mlflow.models.get_model_info(model_uri).signature
+    return [n[2:] for n in (sig.outputs.input_names() if sig else []) if n.startswith("p_")]
+
 def register(model_uri: str,  # the logged model
              model_name: str = "fruitflow",  # the registered model
              test_accuracy: float = 0.0,  # its test accuracy
@@ -41,12 +51,15 @@ def register(model_uri: str,  # the logged model
              alias: str = "champion",  # alias of the model in use
              challenger: str = "challenger",  # alias of a version that did not win
              min_accuracy: float = 0.5,  # floor for any champion
+             n_test: int = 0,  # how many test images `test_accuracy` was measured on
+             min_test_images: int = 10,  # fewer, and it is never the champion
             ) -> dict:
     "Register `model_uri` as a new version of `model_name` and give it `alias` or `challenger`; no version is left without its alias."
     client = MlflowClient()
     champ = _champion(client, model_name, alias)
-    promote, reason = promotion(test_accuracy, data_source, champ.tags if champ else None, min_accuracy)
-    tags = {"test_accuracy": f"{test_accuracy:.6f}", "data_source": data_source, "run_id": run_id}
+    promote, reason = promotion(test_accuracy, data_source, champ.tags if champ else None, min_accuracy, n_test, min_test_images)
+    tags = {"test_accuracy": f"{test_accuracy:.6f}", "n_test": str(n_test), "data_source": data_source, "run_id": run_id,
+            "classes": json.dumps(_classes(model_uri))}
     mv = mlflow.register_model(model_uri, model_name, tags=tags)
     given = alias if promote else challenger
     try: client.set_registered_model_alias(model_name, given, mv.version)

@@ -144,7 +144,8 @@ def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_ven
         from mlflow import MlflowClient
         run_dir = Path(MlflowClient(r["mlflow"]["url"]).get_run(last["run_id"]).data.tags["run_dir"])
         photos = " ".join(shlex.quote(p) for p in _test_images(run_dir))
-        new["transcript-predict"], rc_p = transcript([f"{ff} predict {photos}", f"{ff} predict --json {photos}"], workdir,
+        model = "" if rec["alias"] == "champion" else f"--model models:/{rec['model_name']}@{rec['alias']} "  # the version this run registered: on the lab's 19 photos (2 test images) not the champion
+        new["transcript-predict"], rc_p = transcript([f"{ff} predict {model}{photos}", f"{ff} predict --json {model}{photos}"], workdir,
                                                       env | {"MLFLOW_TRACKING_URI": r["mlflow"]["url"]})
         print("saving the screenshots", flush=True)
         shots = screenshots(img, workdir)

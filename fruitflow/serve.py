@@ -4,14 +4,14 @@
 
 # %% ../nbs/12_serve.ipynb #8cb58022
 from __future__ import annotations
-import argparse, contextlib, email.parser, email.policy, json, logging, os, re, sys, threading
+import argparse, asyncio, contextlib, email.parser, email.policy, json, logging, os, re, sys, threading
 from pathlib import Path
 from .core import ImageError, MAX_PIXELS, MIN_SIDE, load_image
 from .config import TRACKING_DB
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'MAX_BODY_BYTES', 'registry_uri', 'ModelError', 'load_model', 'label_files', 'predict_cmd',
-           'RequestError', 'BodyTooLarge', 'BodyLimit', 'app', 'serve_cmd', 'add_parsers']
+__all__ = ['DEFAULT_MODEL', 'MAX_BODY_BYTES', 'DRAIN_BYTES', 'DRAIN_SECONDS', 'registry_uri', 'ModelError', 'load_model',
+           'label_files', 'predict_cmd', 'RequestError', 'BodyTooLarge', 'BodyLimit', 'app', 'serve_cmd', 'add_parsers']
 
 # %% ../nbs/12_serve.ipynb #8d81a216
 DEFAULT_MODEL = "models:/fruitflow@champion"  # the model in use
@@ -60,7 +60,10 @@ def load_model(uri: str = DEFAULT_MODEL,  # an MLflow model URI
     except Exception as e:
         from mlflow.exceptions import MlflowException
         if not isinstance(e, (MlflowException, OSError)): raise
-        raise ModelError(f"model {uri} cannot be loaded from {reg}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from e
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if uri.endswith("@champion") and "alias champion not found" in why:  # every version so far waits as the challenger (too few test images, say)
+            why += f" No version has become the champion yet; the latest that did not is {uri.removesuffix('@champion')}@challenger."
+        raise ModelError(f"model {uri} cannot be loaded from {reg}: {why}") from e
 
 # %% ../nbs/12_serve.ipynb #78931235
 def _rows(model,  # a loaded pyfunc
@@ -139,25 +142,45 @@ def _status(e: ImageError) -> int:
 class BodyTooLarge(Exception):
     "A request body that passed the server's limit while it streamed in."
 
+DRAIN_BYTES, DRAIN_SECONDS = 100_000_000, 10  # after a 413, the most of the rest of the body read and dropped, and for how long
+
 class BodyLimit:
-    "ASGI middleware: 413 for a body over `limit` bytes, by its Content-Length or while it streams in."
+    "ASGI middleware: 413 for a body over `limit` bytes, by its Content-Length or while it streams in; the unread rest is drained before closing."
     def __init__(self, app, limit: int): self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
         n = dict(scope["headers"]).get(b"content-length", b"0")
-        if not n.isdigit() or int(n) > self.limit:
+        if not n.isdigit():
             from starlette.responses import JSONResponse
-            bad = JSONResponse({"detail": "bad Content-Length"}, 400) if not n.isdigit() else _too_large(self.limit)
-            return await bad(scope, receive, send)
-        seen = 0
+            return await JSONResponse({"detail": "bad Content-Length"}, 400)(scope, receive, send)
+        seen, unread = 0, int(n) > self.limit  # unread: over the limit, with body left to come
         async def counted():
-            nonlocal seen
+            nonlocal seen, unread
             msg = await receive()
             seen += len(msg.get("body", b""))
-            if seen > self.limit: raise BodyTooLarge()
+            if seen > self.limit:
+                unread = msg.get("more_body", False)
+                raise BodyTooLarge()
             return msg
-        await self.app(scope, counted, send)
+        async def sent(msg):  # the answer's last part waits until the unread body is drained
+            if unread and msg["type"] == "http.response.body" and not msg.get("more_body"):
+                await send(msg | {"more_body": True})
+                await _drain(receive)
+                msg = {"type": "http.response.body", "body": b""}
+            await send(msg)
+        if int(n) > self.limit: return await _too_large(self.limit)(scope, receive, sent)
+        await self.app(scope, counted, sent)
+
+async def _drain(receive):
+    "Read and drop the rest of a request body: at most `DRAIN_BYTES`, within `DRAIN_SECONDS`."
+    async def read():
+        got = 0
+        while got < DRAIN_BYTES:
+            msg = await receive()
+            got += len(msg.get("body", b""))
+            if msg["type"] != "http.request" or not msg.get("more_body"): return
+    with contextlib.suppress(asyncio.TimeoutError): await asyncio.wait_for(read(), DRAIN_SECONDS)
 
 def _too_large(limit: int):
     from starlette.responses import JSONResponse

@@ -93,7 +93,7 @@ class Progress:
 
 # %% ../nbs/18_state.ipynb #827dbfe8
 KEEP_ON_RESUME = ("step_timeout", "kernel_per_step", "workdir", "tracking_uri", "resume", "from_step", "only")  # what a resumed run may change
-ADDED_LATER = {"synthetic": 0}  # options newer than some runs: what a run that stored none of them did
+ADDED_LATER = {"synthetic": 0, "min_test_images": 0}  # options newer than some runs: what a run that stored none of them did
 
 def resume_config(cfg: Config) -> Config:
     "The options the run to resume started with, plus this call's resume options; any other change is an error."

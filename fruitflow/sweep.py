@@ -90,7 +90,7 @@ def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, paren
         got |= step("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"), batch_size=run.batch_size))
         status, what = "FINISHED", f"{name} finished"
         print(f"[{name}] done: val accuracy {got.get('val_accuracy', float('nan')):.3f}, test accuracy {got['test_accuracy']:.3f}", flush=True)
-        keep = ("val_accuracy", "val_loss", "accuracy", "loss", "test_accuracy", "model_uri", "epochs_run")
+        keep = ("val_accuracy", "val_loss", "accuracy", "loss", "test_accuracy", "n_test", "model_uri", "epochs_run")
         return dict(trial=i, run_id=rid, ok=True, **point, **{k: got[k] for k in keep if k in got})
     except StepFailed as e:
         tags["error"], what = str(e)[:5000], f"{name}: {e}"
@@ -168,7 +168,8 @@ def _sweep(cfg: SweepConfig) -> dict:
         client.log_dict(pid, results, "sweep/trials.json")
         win = best(results)
         mlflow.set_tracking_uri(uri)  # register() works through MLflow's default client
-        reg = register(win["model_uri"], run.model_name, float(win["test_accuracy"]), got["data_source"], win["run_id"], min_accuracy=run.min_accuracy)
+        reg = register(win["model_uri"], run.model_name, float(win["test_accuracy"]), got["data_source"], win["run_id"], min_accuracy=run.min_accuracy,
+                       n_test=int(win["n_test"]), min_test_images=run.min_test_images)
         tags = {"best_run_id": win["run_id"], "best_trial": str(win["trial"]), "registered_version": str(reg["version"]),
                 "registered_alias": reg["alias"], "promotion": reg["reason"]}
         for k, v in tags.items(): client.set_tag(pid, k, v)
@@ -203,7 +204,7 @@ def sweep(cfg: SweepConfig) -> dict:
         if server: server.stop()
 
 # %% ../nbs/15_sweep.ipynb #8820b07c
-_SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "base_url", "step_timeout", "workdir")
+_SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "min_test_images", "base_url", "step_timeout", "workdir")
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
     "The sweep's `SweepConfig` from parsed options; a bad value exits with one line and code 2."

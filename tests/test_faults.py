@@ -193,7 +193,7 @@ def test_full_artifact_store_fails_the_run_and_registers_nothing(tmp_path, prefe
 
 def test_artifact_store_turning_read_only_at_register_undoes_the_registration(tmp_path, prefect_api):
     "The register step's version is made, then its notebook cannot be logged: the version goes, the old champion keeps its alias."
-    args, env = ["--source", "synthetic", "--n-per-class", "6", "--min-accuracy", "0", *FAST], {"PREFECT_API_URL": prefect_api}
+    args, env = ["--source", "synthetic", "--n-per-class", "6", "--min-accuracy", "0", "--min-test-images", "0", *FAST], {"PREFECT_API_URL": prefect_api}
     with tmpfs(tmp_path/"mlartifacts", "256m") as store:
         assert (first := fruitflow("run", *args, workdir=tmp_path, env=env)).returncode == 0, first.stderr  # version 1, the champion
         proc = _start(tmp_path, prefect_api, *args)

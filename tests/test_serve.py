@@ -4,10 +4,10 @@ One real `fruitflow serve` process per module on a free loopback port, real HTTP
 sockets, to send exactly the bad requests a client could), the lab's photos read in place.
 """
 from __future__ import annotations
-import http.client, io, json, os, socket, struct, subprocess, threading, time, zlib
+import http.client, io, json, os, socket, struct, subprocess, threading, time, urllib.error, urllib.request, zlib
 import pytest
 from PIL import Image
-from conftest import BIN, LAB_IMAGES, fruitflow, free_port, mlflow_client, server_process
+from conftest import BIN, LAB_IMAGES, ROOT, fruitflow, free_port, mlflow_client, server_process
 
 IMAGES = [LAB_IMAGES/"apples"/"apple-1.jpeg", LAB_IMAGES/"apples"/"apple-7.jpeg",
           LAB_IMAGES/"oranges"/"orange-6.jpeg", LAB_IMAGES/"oranges"/"orange-9.jpeg"]  # the smallest files
@@ -152,6 +152,26 @@ def test_chunked_body_counted_while_it_streams(server):
     chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (MAX_BODY // len(piece) + 5) + [b"0\r\n\r\n"]
     status, _ = raw(server, f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n".encode(), chunks)
     assert status == 413
+    assert request(server, "GET", "/health")[0] == 200
+
+@pytest.mark.parametrize("body", ["40 MB with its Content-Length", "4 MB chunked"])
+def test_oversized_upload_answered_to_a_client_that_sends_it_all_first(server, body):
+    "urllib sends the whole body before it reads the answer: it gets the 413, not a connection reset, and the server stays up."
+    data = b"\xff" * 40_000_000 if body.startswith("40") else iter([b"\xff" * 100_000] * 40)  # an iterable: urllib sends it chunked
+    req = urllib.request.Request(f"{server}/predict", data=data, headers={"Content-Type": "image/jpeg"})
+    with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and "over the limit" in json.loads(e.value.read())["detail"]
+    assert request(server, "GET", "/health")[0] == 200
+
+def test_bounded_load(server):
+    "`benchmarks/serve.py --load` for 8 clients and 10 s: good images, text files and oversized bodies mixed; no 5xx, no dropped connection, memory flat."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT/"benchmarks"/"serve.py")
+    spec.loader.exec_module(bench := importlib.util.module_from_spec(spec))
+    r = bench.load(server, IMAGES, clients=8, seconds=10, over_bytes=4 * MAX_BODY)
+    assert r["dropped"] == [], r["dropped"][:5]
+    assert {k for k, _ in r["status"]} == set(bench.WANT) and all(s == bench.WANT[k] for k, s in r["status"]), r["status"]
+    assert 0 < r["rss_before"] and r["rss_after"] < 1.1 * r["rss_before"], (r["rss_before"], r["rss_after"])
     assert request(server, "GET", "/health")[0] == 200
 
 def test_predict_cli(registered, in_process, tmp_path):
