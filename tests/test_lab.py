@@ -111,12 +111,19 @@ def test_notebook_opens_and_runs_in_the_browser(lab, train_notebook, tmp_path):
         d.get(f"{lab.url}/lab/tree/{TRAIN}?token={lab.token}")
         WebDriverWait(d, 300).until(lambda d: 'split_dir: str = "split"' in text(d) and "Kernel status: Idle" in d.page_source, "the notebook, its kernel idle")
         params = d.execute_script("return [...document.querySelectorAll('.jp-CodeCell')].find(c => c.textContent.includes('split_dir: str'))")
+        cells = lambda d: len(d.find_elements(By.CSS_SELECTOR, ".jp-CodeCell"))
+        n, code = cells(d), "import fruitflow; print('got', split_dir, epochs, fruitflow.__file__)"
         params.find_element(By.CSS_SELECTOR, ".cm-content").click()
-        keys = ActionChains(d)
-        keys.key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).pause(1)  # run the parameters cell; the next one is selected
-        keys.send_keys(Keys.ESCAPE).send_keys("a").pause(0.5).send_keys(Keys.ENTER).pause(0.5)  # a new cell above it, edited
-        keys.send_keys("import fruitflow; print('got', split_dir, epochs, fruitflow.__file__)").pause(0.5)
-        keys.key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+        shift_enter = lambda: ActionChains(d).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+        shift_enter()  # run the parameters cell; the next one is selected
+        WebDriverWait(d, 300).until(lambda d: "[1]:" in params.text, "the parameters cell run")  # each step waits for what it did: a busy machine drops no key
+        ActionChains(d).send_keys(Keys.ESCAPE).send_keys("a").perform()  # a new cell above the selected one
+        WebDriverWait(d, 60).until(lambda d: cells(d) == n + 1, "a new cell")
+        ActionChains(d).send_keys(Keys.ENTER).perform()
+        WebDriverWait(d, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Notebook.jp-mod-editMode"), "the new cell in edit mode")
+        ActionChains(d).send_keys(code).perform()
+        WebDriverWait(d, 60).until(lambda d: code in d.execute_script("return document.activeElement.closest('.jp-CodeCell')?.textContent || ''"), "the code typed")
+        shift_enter()
         want = f"got split 10 {ROOT/'fruitflow'/'__init__.py'}"
         WebDriverWait(d, 300).until(lambda d: any(want in o.text for o in d.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")), f"the output {want!r}")
         d.save_screenshot(str(tmp_path/"lab-train.png"))
