@@ -30,7 +30,9 @@ setuptools.setup(
               + ['Programming Language :: Python :: ' + o for o in py_versions[py_versions.index(min_python):]]
               + (['License :: ' + lic[1]] if lic[1] else []),
     url=cfg['git_url'],
-    packages=setuptools.find_packages(include=['fruitflow', 'fruitflow.*']),
+    packages=setuptools.find_packages(include=['fruitflow', 'fruitflow.*']) + ['fruitflow.nbs'],
+    package_dir={'fruitflow.nbs': cfg['nbs_path']},  # the step notebooks travel as package data, read from nbs/ at build time: no copy to keep in sync
+    package_data={'fruitflow.nbs': ['0[1-5]*.ipynb']},  # config.nbs_dir() finds them in an installed package
     include_package_data=True,
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
