@@ -12,9 +12,9 @@ import fruitflow
 from .download import GITHUB, ARCHIVES
 
 # %% auto #0
-__all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'WORKDIR',
-           'Step', 'Config', 'config_error', 'ConfigError', 'checked', 'one_line', 'nbs_dir', 'data_dir', 'user_cache',
-           'cache_dir', 'data_options', 'error_log']
+__all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL',
+           'REGISTER_LIMIT', 'WORKDIR', 'Step', 'Config', 'config_error', 'ConfigError', 'checked', 'one_line',
+           'nbs_dir', 'data_dir', 'user_cache', 'cache_dir', 'data_options', 'error_log']
 
 # %% ../nbs/08_config.ipynb #cd37b212
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -25,6 +25,7 @@ TRACKING_DB = "mlflow.db"  # embedded MLflow store (in the work folder) when no 
 ARTIFACTS = "mlartifacts"  # its artifacts, the same folder `mlflow server` serves
 PREFECT_HOME = "prefect_home"  # Prefect's home (in the work folder), as the lab sets it
 KERNEL = "python3"  # the Jupyter kernel that runs the notebooks
+REGISTER_LIMIT = "fruitflow-register"  # Prefect's global concurrency limit (1 slot) that `fruitflow deploy` makes: one promotion at a time on a shared server
 WORKDIR = "FRUITFLOW_WORKDIR"  # the work folder of a run that names none (""): `fruitflow worker` sets it for its flow runs
 Step = Literal["", "download", "preprocess", "train", "evaluate", "register"]  # a step's name, or none
 

@@ -8,8 +8,9 @@ import time
 from typing import Literal
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 from . import notebooks, tracking
-from .config import EXPERIMENT, MODEL_NAME, STEPS, NOTEBOOKS, Config, Step, cache_dir, checked, data_dir
+from .config import EXPERIMENT, MODEL_NAME, REGISTER_LIMIT, STEPS, NOTEBOOKS, Config, Step, cache_dir, checked, data_dir
 from .download import GITHUB
 
 # %% auto #0
@@ -72,6 +73,7 @@ def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder
                                   synthetic=cfg.synthetic, cache_dir=str(cache_dir(cfg.workdir))), run, kernel)
         got |= step("evaluate", dict(split_dir=got["split_dir"], model_path=got["model_path"], out_dir=str(run.dir/"evaluation"),
                                      batch_size=cfg.batch_size), run, kernel)
-        got |= step("register", dict(model_uri=got["model_uri"], model_name=cfg.model_name, test_accuracy=float(got["test_accuracy"]),
-                                     data_source=got["data_source"], min_accuracy=cfg.min_accuracy), run, kernel)
+        with concurrency(REGISTER_LIMIT, occupy=1):  # runs on other workers wait: `champion` moves by one promotion at a time (no limit: no wait)
+            got |= step("register", dict(model_uri=got["model_uri"], model_name=cfg.model_name, test_accuracy=float(got["test_accuracy"]),
+                                         data_source=got["data_source"], min_accuracy=cfg.min_accuracy), run, kernel)
     return got | {"run_id": run.id, "run_dir": str(run.dir)}

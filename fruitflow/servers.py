@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, contextlib, datetime, hashlib, json, os, re, shutil, signal, socket, sqlite3, subprocess, sys, threading, time, urllib.request
 from pathlib import Path
 from .config import PREFECT_HOME, user_cache
+from .stores import DATABASES, DatabaseError, ensure_databases, redacted, server_env
 
 # %% auto #0
 __all__ = ['HOST', 'STATE', 'SERVERS', 'HEALTH', 'API', 'WARM', 'PARENT', 'running', 'env_from_servers', 'up', 'status', 'down',
@@ -20,17 +21,17 @@ SERVERS = ("prefect", "mlflow")  # in start order
 HEALTH = {"prefect": "/api/health", "mlflow": "/health"}  # each server's health endpoint
 API = {"prefect": "/api", "mlflow": ""}  # what a client appends to the server's URL
 
-def _command(name: str, port: int, workdir: Path) -> tuple[list[str], dict]:
+def _command(name: str, port: int, workdir: Path, database: str = "") -> tuple[list[str], dict]:  # database: a PostgreSQL server for both ("": SQLite in `workdir`)
     "The command line and extra environment that start server `name` on `port` over `workdir`'s stores."
-    bin_ = Path(sys.executable).parent
+    bin_, db = Path(sys.executable).parent, server_env(database, name) if database else {}  # the database's password in the environment, never the command line
     if name == "prefect":
         return ([str(bin_/"prefect"), "server", "start", "--host", HOST, "--port", str(port)],
                 {"PREFECT_HOME": str(workdir/PREFECT_HOME), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_API_URL": f"http://{HOST}:{port}/api", "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"})
-    return ([str(bin_/"mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{(workdir/'mlflow.db').as_posix()}",
+                 "PREFECT_API_URL": f"http://{HOST}:{port}/api", "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"} | db)
+    store = [] if database else ["--backend-store-uri", f"sqlite:///{(workdir/'mlflow.db').as_posix()}"]
+    return ([str(bin_/"mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1", *store,
              "--artifacts-destination", (workdir/"mlartifacts").as_uri()],
-            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | db)
 
 # %% ../nbs/13_servers.ipynb #d133be1c
 def _start_time(pid: int) -> int|None:
@@ -79,9 +80,9 @@ def _warm_up(info: dict, timeout: float = 30) -> None:
     "Make the first API call to the server of `info`, which costs a fresh server what it sets up on it, so that the first run does not wait for that."
     with contextlib.suppress(OSError), urllib.request.urlopen(info["url"] + WARM[info["name"]], timeout=timeout): pass
 
-def _start(name: str, port: int|None, workdir: Path) -> dict:
+def _start(name: str, port: int|None, workdir: Path, database: str = "") -> dict:
     "Start server `name` on `port` in the background; its pid file contents."
-    cmd, extra = _command(name, port, workdir)
+    cmd, extra = _command(name, port, workdir, database)
     state = workdir/STATE
     state.mkdir(parents=True, exist_ok=True)
     log = state/f"{name}.log"
@@ -136,7 +137,13 @@ def up(args) -> int:
         if n not in have and not _port_free(ports[n]):
             print(f"fruitflow up: error: port {ports[n]} on {HOST} is taken by another program; choose another with --{n}-port", file=sys.stderr)
             return 1
-    started = [_start(n, ports[n], wd) for n in SERVERS if n not in have]
+    if args.database and len(have) < len(SERVERS):
+        try: made = ensure_databases(args.database)
+        except DatabaseError as e:
+            print(f"fruitflow up: error: {e}", file=sys.stderr)
+            return 1
+        print(f"stores: PostgreSQL {redacted(args.database)}, databases {', '.join(DATABASES.values())}" + (f" (created {', '.join(made)})" if made else ""))
+    started = [_start(n, ports[n], wd, args.database) for n in SERVERS if n not in have]
     for n, i in have.items(): print(f"{n} is already running (pid {i['pid']})")
     failed = _wait(started + list(have.values()), args.timeout)
     for n in failed:
@@ -178,6 +185,7 @@ def add_parsers(sub) -> None:
     u.add_argument("--prefect-port", type=int, default=8080, help="Prefect server's port (default 8080)")
     u.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server's port (default 5000)")
     u.add_argument("--timeout", type=float, default=300, help="seconds to wait for both to answer (default 300)")
+    u.add_argument("--database", default="", metavar="URL", help="keep both servers' state in PostgreSQL: postgresql://USER[:PASSWORD]@HOST:PORT (databases fruitflow_prefect, fruitflow_mlflow, created when missing; default: SQLite files here)")
     u.set_defaults(func=up)
     sub.add_parser("status", help="each dashboard's URL, pid, health and log").set_defaults(func=status)
     sub.add_parser("down", help="stop the dashboards that `fruitflow up` started").set_defaults(func=down)
