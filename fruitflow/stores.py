@@ -4,6 +4,7 @@
 
 # %% ../nbs/21_stores.ipynb #00f37615
 from __future__ import annotations
+import contextlib
 from urllib.parse import unquote, urlsplit
 
 # %% auto #0
@@ -36,7 +37,7 @@ def server_env(url: str, name: str) -> dict[str, str]:
     where = f"{d['user']}@{d['host']}:{d['port']}/{DATABASES[name]}"
     env = {"PGPASSWORD": d["password"]} if d["password"] else {}
     if name == "prefect": return env | {"PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{where}"}
-    return env | {"MLFLOW_BACKEND_STORE_URI": f"postgresql://{where}"}  # `mlflow server` reads its --backend-store-uri from here
+    return env | {"MLFLOW_BACKEND_STORE_URI": f"postgresql+psycopg2://{where}"}  # `mlflow server` reads its --backend-store-uri here; the driver named (SQLAlchemy 2.1's default is psycopg 3)
 
 def ensure_databases(url: str) -> list[str]:
     "Create the servers' databases on the PostgreSQL server of `url` where missing; the names of those made."
@@ -44,8 +45,8 @@ def ensure_databases(url: str) -> list[str]:
     except ImportError: raise DatabaseError('--database needs the PostgreSQL driver: pip install "fruitflow[postgres]"') from None
     d = parse(url)
     try:
-        with psycopg2.connect(dbname="postgres", user=d["user"], password=d["password"] or None, host=d["host"], port=d["port"], connect_timeout=10) as c:
-            c.autocommit = True  # CREATE DATABASE runs outside a transaction
+        with contextlib.closing(psycopg2.connect(dbname="postgres", user=d["user"], password=d["password"] or None, host=d["host"], port=d["port"], connect_timeout=10)) as c:
+            c.autocommit = True  # CREATE DATABASE runs outside a transaction (psycopg2's `with connection` would open one)
             with c.cursor() as cur:
                 cur.execute("select datname from pg_database")
                 have = {r[0] for r in cur.fetchall()}
