@@ -118,3 +118,35 @@ def test_two_workers_two_runs_on_postgresql(tmp_path, postgres):
             except subprocess.TimeoutExpired: w.kill()
         for l in logs: l.close()
     assert "stopped prefect" in down.stdout and "stopped mlflow" in down.stdout and all(alive), (down.stdout, alive)  # `down` leaves workers alone
+
+def test_sweep_on_a_separately_started_dask_cluster(tmp_path, prefect_api):
+    "`--scheduler`: the trials run in the worker processes of a Dask cluster started beforehand (`dask scheduler`, two `dask worker`s)."
+    from conftest import runs
+    from test_sweep import TINY as SWEEP
+    port, elsewhere, wd = free_port(), tmp_path/"dask", tmp_path/"work"
+    elsewhere.mkdir(); wd.mkdir()
+    env = clean_env(PREFECT_API_URL=prefect_api)  # the cluster's workers report to the same Prefect server
+    logs = [open(tmp_path/f"{n}.log", "w") for n in ("scheduler", "worker1", "worker2")]
+    procs = [subprocess.Popen([BIN/"dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], cwd=elsewhere, env=env, stdout=logs[0], stderr=subprocess.STDOUT)]
+    try:
+        procs += [subprocess.Popen([BIN/"dask", "worker", f"tcp://127.0.0.1:{port}", "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny", "--no-dashboard"],
+                                   cwd=elsewhere, env=env, stdout=l, stderr=subprocess.STDOUT) for l in logs[1:]]
+        end = time.monotonic() + 120
+        while sum("Registered to" in (tmp_path/f"worker{i}.log").read_text() for i in (1, 2)) < 2:
+            assert time.monotonic() < end and all(p.poll() is None for p in procs), [(tmp_path/f"{n}.log").read_text()[-2000:] for n in ("scheduler", "worker1")]
+            time.sleep(1)
+        p = fruitflow("sweep", *SWEEP, "--learning-rate", "0.003", "--augment", "0", "0.5", "--min-accuracy", "0", "--task-runner", "prefect_dask.DaskTaskRunner",
+                      "--scheduler", f"tcp://127.0.0.1:{port}", workdir=wd, env={"PREFECT_API_URL": prefect_api})
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        all_runs = runs(wd)
+        (parent,) = [r for r in all_runs if r.data.tags.get("sweep") == "true"]
+        trials = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials) and parent.info.status == "FINISHED"
+        assert {t.data.tags["process_id"] for t in trials} <= {str(w.pid) for w in procs[1:]}, [t.data.tags for t in trials]  # in the cluster's workers
+        assert "registered fruitflow version" in p.stdout
+    finally:
+        for pr in reversed(procs):
+            pr.terminate()
+            try: pr.wait(30)
+            except subprocess.TimeoutExpired: pr.kill()
+        for l in logs: l.close()
