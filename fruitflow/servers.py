@@ -21,15 +21,17 @@ SERVERS = ("prefect", "mlflow")  # in start order
 HEALTH = {"prefect": "/api/health", "mlflow": "/health"}  # each server's health endpoint
 API = {"prefect": "/api", "mlflow": ""}  # what a client appends to the server's URL
 
-def _command(name: str, port: int, workdir: Path, database: str = "") -> tuple[list[str], dict]:  # database: a PostgreSQL server for both ("": SQLite in `workdir`)
-    "The command line and extra environment that start server `name` on `port` over `workdir`'s stores."
+def _client_host(host: str) -> str: return HOST if host in ("0.0.0.0", "::") else host  # where this machine reaches a server bound to `host`
+
+def _command(name: str, port: int, workdir: Path, database: str = "", host: str = HOST) -> tuple[list[str], dict]:  # database: a PostgreSQL server for both ("": SQLite in `workdir`)
+    "The command line and extra environment that start server `name` on `host`:`port` over `workdir`'s stores."
     bin_, db = Path(sys.executable).parent, server_env(database, name) if database else {}  # the database's password in the environment, never the command line
     if name == "prefect":
-        return ([str(bin_/"prefect"), "server", "start", "--host", HOST, "--port", str(port)],
+        return ([str(bin_/"prefect"), "server", "start", "--host", host, "--port", str(port)],
                 {"PREFECT_HOME": str(workdir/PREFECT_HOME), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_API_URL": f"http://{HOST}:{port}/api", "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"} | db)
+                 "PREFECT_API_URL": f"http://{_client_host(host)}:{port}/api", "PREFECT_UI_API_URL": f"http://{_client_host(host)}:{port}/api"} | db)
     store = [] if database else ["--backend-store-uri", f"sqlite:///{(workdir/'mlflow.db').as_posix()}"]
-    return ([str(bin_/"mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1", *store,
+    return ([str(bin_/"mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1", *store,
              "--artifacts-destination", (workdir/"mlartifacts").as_uri()],
             {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | db)
 
@@ -61,11 +63,11 @@ def env_from_servers(workdir: Path) -> dict[str, str]:
     return env
 
 # %% ../nbs/13_servers.ipynb #ea11d74c
-def _port_free(port: int) -> bool:
-    "Can a server bind `port` on the loopback address?"
+def _port_free(port: int, host: str = HOST) -> bool:
+    "Can a server bind `port` on `host` (the loopback address)?"
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a port in TIME_WAIT after `down` is free
-        try: s.bind((HOST, port)); return True
+        try: s.bind((host, port)); return True
         except OSError: return False
 
 def _healthy(info: dict, timeout: float = 2) -> bool:
@@ -80,15 +82,15 @@ def _warm_up(info: dict, timeout: float = 30) -> None:
     "Make the first API call to the server of `info`, which costs a fresh server what it sets up on it, so that the first run does not wait for that."
     with contextlib.suppress(OSError), urllib.request.urlopen(info["url"] + WARM[info["name"]], timeout=timeout): pass
 
-def _start(name: str, port: int|None, workdir: Path, database: str = "") -> dict:
+def _start(name: str, port: int|None, workdir: Path, database: str = "", host: str = HOST) -> dict:
     "Start server `name` on `port` in the background; its pid file contents."
-    cmd, extra = _command(name, port, workdir, database)
+    cmd, extra = _command(name, port, workdir, database, host)
     state = workdir/STATE
     state.mkdir(parents=True, exist_ok=True)
     log = state/f"{name}.log"
     with open(log, "ab") as f:
         p = subprocess.Popen(cmd, cwd=workdir, env=os.environ | extra, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    info = dict(name=name, pid=p.pid, start=_start_time(p.pid), port=port, url=f"http://{HOST}:{port}" if port else None, log=str(log))
+    info = dict(name=name, pid=p.pid, start=_start_time(p.pid), port=port, url=f"http://{_client_host(host)}:{port}" if port else None, log=str(log))
     _pidfile(workdir, name).write_text(json.dumps(info))
     return info
 
@@ -129,21 +131,29 @@ def _stop(info: dict, grace: float = 20) -> None:
         if _group(pid): os.killpg(pid, signal.SIGKILL)
 
 # %% ../nbs/13_servers.ipynb #015aed37
+def _exposed(host: str) -> None:
+    "Warn that the servers listen beyond this machine, and say which of Prefect's basic auth and MLflow's allowed hosts are set (from the environment)."
+    auth, hosts = os.environ.get("PREFECT_SERVER_API_AUTH_STRING"), os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS")
+    print(f"fruitflow up: warning: the servers listen on {host}, beyond this machine; "
+          f"Prefect {'asks for basic auth (clients set PREFECT_API_AUTH_STRING)' if auth else 'has no password: set PREFECT_SERVER_API_AUTH_STRING=user:password'}; "
+          f"MLflow {'answers the host names in MLFLOW_SERVER_ALLOWED_HOSTS' if hosts else 'answers localhost and private addresses only, until MLFLOW_SERVER_ALLOWED_HOSTS lists your host names'}, and has no login (put a proxy with TLS in front)", file=sys.stderr)
+
 def up(args) -> int:
     "`fruitflow up`: start the servers that are not running yet, wait until they answer, print their URLs."
     wd = Path(args.workdir).resolve()
     ports, have = {"prefect": args.prefect_port, "mlflow": args.mlflow_port}, running(wd)
     for n in SERVERS:
-        if n not in have and not _port_free(ports[n]):
-            print(f"fruitflow up: error: port {ports[n]} on {HOST} is taken by another program; choose another with --{n}-port", file=sys.stderr)
+        if n not in have and not _port_free(ports[n], args.host):
+            print(f"fruitflow up: error: port {ports[n]} on {args.host} is taken by another program; choose another with --{n}-port", file=sys.stderr)
             return 1
+    if args.host not in (HOST, "localhost", "::1"): _exposed(args.host)
     if args.database and len(have) < len(SERVERS):
         try: made = ensure_databases(args.database)
         except DatabaseError as e:
             print(f"fruitflow up: error: {e}", file=sys.stderr)
             return 1
         print(f"stores: PostgreSQL {redacted(args.database)}, databases {', '.join(DATABASES.values())}" + (f" (created {', '.join(made)})" if made else ""))
-    started = [_start(n, ports[n], wd, args.database) for n in SERVERS if n not in have]
+    started = [_start(n, ports[n], wd, args.database, args.host) for n in SERVERS if n not in have]
     for n, i in have.items(): print(f"{n} is already running (pid {i['pid']})")
     failed = _wait(started + list(have.values()), args.timeout)
     for n in failed:
@@ -185,6 +195,7 @@ def add_parsers(sub) -> None:
     u.add_argument("--prefect-port", type=int, default=8080, help="Prefect server's port (default 8080)")
     u.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server's port (default 5000)")
     u.add_argument("--timeout", type=float, default=300, help="seconds to wait for both to answer (default 300)")
+    u.add_argument("--host", default=HOST, help=f"address both servers listen on (default {HOST}: this machine only; another warns, see docs/scale-out.md)")
     u.add_argument("--database", default="", metavar="URL", help="keep both servers' state in PostgreSQL: postgresql://USER[:PASSWORD]@HOST:PORT (databases fruitflow_prefect, fruitflow_mlflow, created when missing; default: SQLite files here)")
     u.set_defaults(func=up)
     sub.add_parser("status", help="each dashboard's URL, pid, health and log").set_defaults(func=status)

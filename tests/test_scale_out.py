@@ -150,3 +150,22 @@ def test_sweep_on_a_separately_started_dask_cluster(tmp_path, prefect_api):
             try: pr.wait(30)
             except subprocess.TimeoutExpired: pr.kill()
         for l in logs: l.close()
+
+def test_up_on_another_address_warns_and_keeps_the_guards(tmp_path):
+    "`up --host 0.0.0.0` warns; Prefect asks for the basic auth of PREFECT_SERVER_API_AUTH_STRING, MLflow refuses host names not in MLFLOW_SERVER_ALLOWED_HOSTS."
+    import base64, urllib.error, urllib.request
+    pp, mp, auth = free_port(), free_port(), f"fruit:{secrets.token_hex(6)}"
+    env = {"PREFECT_SERVER_API_AUTH_STRING": auth, "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{mp},fruit.example:{mp}"}
+    up = fruitflow("up", "--host", "0.0.0.0", "--prefect-port", pp, "--mlflow-port", mp, workdir=tmp_path, env=env, timeout=600)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "warning: the servers listen on 0.0.0.0" in up.stderr and "Prefect asks for basic auth" in up.stderr and auth not in up.stdout + up.stderr, up.stderr
+        def status(url, headers={}):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r: return r.status
+            except urllib.error.HTTPError as e: return e.code
+        basic = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+        assert (status(f"http://127.0.0.1:{pp}/api/admin/version"), status(f"http://127.0.0.1:{pp}/api/admin/version", basic)) == (401, 200)
+        search = f"http://127.0.0.1:{mp}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert (status(search, {"Host": f"fruit.example:{mp}"}), status(search, {"Host": f"evil.example:{mp}"})) == (200, 403)
+    finally: fruitflow("down", workdir=tmp_path, timeout=120)
