@@ -105,7 +105,7 @@ def deployments(url: str) -> list[str]:
             out.append(f"deployment {FLOW}/{d.name:12} pool {d.work_pool_name}  {when}")
         for pool in sorted({d.work_pool_name for d in deps if d.work_pool_name}):
             ws = c.read_workers_for_work_pool(pool)
-            out += [f"worker   {w.name:30} pool {pool}  {w.status.value if w.status else '?'}, last seen {w.last_heartbeat_time:%Y-%m-%d %H:%M:%S}" for w in ws]
+            out += [f"worker   {w.name:30} pool {pool}  {w.status.value if w.status else '?'}, last seen {f'{w.last_heartbeat_time:%Y-%m-%d %H:%M:%S}' if w.last_heartbeat_time else 'never'}" for w in ws]
             if not ws: out.append(f"worker   none on pool {pool}: start one with `fruitflow worker --pool {pool}`")
     return out
 
