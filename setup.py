@@ -20,6 +20,7 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+postgres_requirements = shlex.split(cfg.get('postgres_requirements', ''))
 
 setuptools.setup(
     name=cfg['lib_name'],
@@ -30,10 +31,12 @@ setuptools.setup(
               + ['Programming Language :: Python :: ' + o for o in py_versions[py_versions.index(min_python):]]
               + (['License :: ' + lic[1]] if lic[1] else []),
     url=cfg['git_url'],
-    packages=setuptools.find_packages(include=['fruitflow', 'fruitflow.*']),
+    packages=setuptools.find_packages(include=['fruitflow', 'fruitflow.*']) + ['fruitflow.nbs'],
+    package_dir={'fruitflow.nbs': cfg['nbs_path']},  # the step notebooks travel as package data, read from nbs/ at build time: no copy to keep in sync
+    package_data={'fruitflow.nbs': ['0[1-5]*.ipynb']},  # config.nbs_dir() finds them in an installed package
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'postgres': postgres_requirements},
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

@@ -84,7 +84,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     "The `fruitflow` command line."
-    from fruitflow import lab, report, screenshots, serve, servers, sweep  # each adds its commands with `add_parsers(sub)`
+    from fruitflow import deploy, lab, report, screenshots, serve, servers, sweep  # each adds its commands with `add_parsers(sub)`
     p = _Parser(prog="fruitflow", description="A notebook-first ML pipeline: Prefect runs the step notebooks, MLflow tracks them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run the pipeline once (download → preprocess → train → evaluate → register)")
@@ -100,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--kernel-per-step", action="store_true",
                    help="run each step in a Jupyter kernel of its own, started by papermill (default: the steps share one, started ahead, which imports each module once and clears the names of one step before the next)")
     r.set_defaults(func=run)
-    for m in (servers, screenshots, serve, sweep, report, lab): m.add_parsers(sub)
+    for m in (servers, deploy, screenshots, serve, sweep, report, lab): m.add_parsers(sub)
     return p
 
 def config(args: argparse.Namespace) -> Config:

@@ -12,9 +12,9 @@ import fruitflow
 from .download import GITHUB, ARCHIVES
 
 # %% auto #0
-__all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL', 'Step',
-           'Config', 'config_error', 'ConfigError', 'checked', 'one_line', 'nbs_dir', 'data_dir', 'user_cache',
-           'cache_dir', 'data_options', 'error_log']
+__all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL',
+           'REGISTER_LIMIT', 'WORKDIR', 'Step', 'Config', 'config_error', 'ConfigError', 'checked', 'one_line',
+           'nbs_dir', 'data_dir', 'user_cache', 'cache_dir', 'data_options', 'error_log']
 
 # %% ../nbs/08_config.ipynb #cd37b212
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -25,6 +25,8 @@ TRACKING_DB = "mlflow.db"  # embedded MLflow store (in the work folder) when no 
 ARTIFACTS = "mlartifacts"  # its artifacts, the same folder `mlflow server` serves
 PREFECT_HOME = "prefect_home"  # Prefect's home (in the work folder), as the lab sets it
 KERNEL = "python3"  # the Jupyter kernel that runs the notebooks
+REGISTER_LIMIT = "fruitflow-register"  # Prefect's global concurrency limit (1 slot) that `fruitflow deploy` makes: one promotion at a time on a shared server
+WORKDIR = "FRUITFLOW_WORKDIR"  # the work folder of a run that names none (""): `fruitflow worker` sets it for its flow runs
 Step = Literal["", "download", "preprocess", "train", "evaluate", "register"]  # a step's name, or none
 
 class Config(BaseModel):
@@ -44,7 +46,7 @@ class Config(BaseModel):
     min_accuracy: float = Field(0.5, ge=0, le=1)  # a champion's lowest test accuracy
     min_test_images: int = Field(10, ge=0)  # a test accuracy on fewer images never makes a champion
     base_url: str = GITHUB  # where the lab's images are
-    workdir: Path = Path(".")  # where data/, runs/, mlflow.db and mlartifacts/ live
+    workdir: Path = Path(".")  # where data/, runs/, mlflow.db and mlartifacts/ live; "" means $FRUITFLOW_WORKDIR, else here
     tracking_uri: str = ""  # MLflow; "" means $MLFLOW_TRACKING_URI or the embedded store
     step_timeout: int = Field(3600, ge=1)  # seconds one notebook cell may run
     kernel_per_step: bool = False  # each step in a kernel of its own; by default the steps share one, their names cleared between them
@@ -59,6 +61,10 @@ class Config(BaseModel):
         p = Path(v).expanduser()
         if p.is_dir() or p.is_file() and p.name.lower().endswith(ARCHIVES): return str(p.resolve())
         raise ValueError(f"{v!r} is not auto, github, synthetic, an existing folder, or a .zip/.tar.gz file or URL")
+
+    @field_validator("workdir", mode="before")
+    @classmethod
+    def _workdir(cls, v): return (os.environ.get(WORKDIR) or ".") if v == "" else v  # a deployment's flow run works where its worker was started
 
     def resolved_tracking_uri(self) -> str:
         "The MLflow tracking URI this run uses."
@@ -86,8 +92,9 @@ def one_line(e: BaseException, limit: int|None = None) -> str:
 
 # %% ../nbs/08_config.ipynb #4d287229
 def nbs_dir() -> Path:
-    "The folder of the step notebooks (beside the package in a source checkout)."
-    return Path(fruitflow.__file__).resolve().parent.parent/"nbs"
+    "The folder of the step notebooks: `nbs/` inside the installed package (a wheel carries them), else beside it (a source checkout)."
+    pkg = Path(fruitflow.__file__).resolve().parent
+    return pkg/"nbs" if (pkg/"nbs"/NOTEBOOKS["download"]).is_file() else pkg.parent/"nbs"
 
 def data_dir(workdir: Path) -> Path:
     "Where the download step keeps the images it fetches, unpacks or draws: `data/` of the work folder."

@@ -8,8 +8,9 @@ import time
 from typing import Literal
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 from . import notebooks, tracking
-from .config import EXPERIMENT, MODEL_NAME, STEPS, NOTEBOOKS, Config, Step, cache_dir, checked, data_dir
+from .config import EXPERIMENT, MODEL_NAME, REGISTER_LIMIT, STEPS, NOTEBOOKS, Config, Step, cache_dir, checked, data_dir
 from .download import GITHUB
 
 # %% auto #0
@@ -52,7 +53,7 @@ def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder
              min_accuracy: float = 0.5,  # a champion's lowest test accuracy
              min_test_images: int = 10,  # fewest test images a champion's accuracy is measured on
              base_url: str = GITHUB,  # where the lab's images are
-             workdir: str = ".",  # where data/, runs/, mlflow.db and mlartifacts/ live
+             workdir: str = "",  # where data/, runs/, mlflow.db and mlartifacts/ live ("": $FRUITFLOW_WORKDIR, else here)
              tracking_uri: str = "",  # MLflow ("": $MLFLOW_TRACKING_URI or the embedded store)
              step_timeout: int = 3600,  # seconds one notebook cell may run
              kernel_per_step: bool = False,  # each step in a kernel of its own
@@ -73,7 +74,8 @@ def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder
                                   synthetic=cfg.synthetic, cache_dir=str(cache_dir(cfg.workdir))), run, kernel)
         got |= step("evaluate", dict(split_dir=got["split_dir"], model_path=got["model_path"], out_dir=str(run.dir/"evaluation"),
                                      batch_size=cfg.batch_size), run, kernel)
-        got |= step("register", dict(model_uri=got["model_uri"], model_name=cfg.model_name, test_accuracy=float(got["test_accuracy"]),
-                                     data_source=got["data_source"], min_accuracy=cfg.min_accuracy,
-                                     n_test=int(got["n_test"]), min_test_images=cfg.min_test_images), run, kernel)
+        with concurrency(REGISTER_LIMIT, occupy=1):  # runs on other workers wait: `champion` moves by one promotion at a time (no limit: no wait)
+            got |= step("register", dict(model_uri=got["model_uri"], model_name=cfg.model_name, test_accuracy=float(got["test_accuracy"]),
+                                         data_source=got["data_source"], min_accuracy=cfg.min_accuracy,
+                                         n_test=int(got["n_test"]), min_test_images=cfg.min_test_images), run, kernel)
     return got | {"run_id": run.id, "run_dir": str(run.dir)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, contextlib, datetime, hashlib, json, os, re, shutil, signal, socket, sqlite3, subprocess, sys, threading, time, urllib.request
 from pathlib import Path
 from .config import PREFECT_HOME, user_cache
+from .stores import DATABASES, DatabaseError, ensure_databases, redacted, server_env
 
 # %% auto #0
 __all__ = ['HOST', 'STATE', 'SERVERS', 'HEALTH', 'API', 'WARM', 'PARENT', 'running', 'env_from_servers', 'up', 'status', 'down',
@@ -20,18 +21,20 @@ SERVERS = ("prefect", "mlflow")  # in start order
 HEALTH = {"prefect": "/api/health", "mlflow": "/health", "lab": "/api"}  # each server's health endpoint (lab: `fruitflow lab`'s JupyterLab)
 API = {"prefect": "/api", "mlflow": ""}  # what a client appends to the server's URL
 
-def _command(name: str, port: int, workdir: Path) -> tuple[list[str], dict]:
-    "The command line and extra environment that start server `name` on `port` over `workdir`'s stores."
-    bin_ = Path(sys.executable).parent
+def _client_host(host: str) -> str: return HOST if host in ("0.0.0.0", "::") else host  # where this machine reaches a server bound to `host`
+
+def _command(name: str, port: int, workdir: Path, database: str = "", host: str = HOST) -> tuple[list[str], dict]:  # database: a PostgreSQL server for both ("": SQLite in `workdir`)
+    "The command line and extra environment that start server `name` on `host`:`port` over `workdir`'s stores."
+    if name == "kernel": return [sys.executable, "-c", "from fruitflow.warm import keep; keep()"], {}  # the warm kernel's keeper (no port)
+    bin_, db = Path(sys.executable).parent, server_env(database, name) if database else {}  # the database's password in the environment, never the command line
     if name == "prefect":
-        return ([str(bin_/"prefect"), "server", "start", "--host", HOST, "--port", str(port)],
+        return ([str(bin_/"prefect"), "server", "start", "--host", host, "--port", str(port)],
                 {"PREFECT_HOME": str(workdir/PREFECT_HOME), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_API_URL": f"http://{HOST}:{port}/api", "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"})
-    return ([str(bin_/"mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{(workdir/'mlflow.db').as_posix()}",
+                 "PREFECT_API_URL": f"http://{_client_host(host)}:{port}/api", "PREFECT_UI_API_URL": f"http://{_client_host(host)}:{port}/api"} | db)
+    store = [] if database else ["--backend-store-uri", f"sqlite:///{(workdir/'mlflow.db').as_posix()}"]
+    return ([str(bin_/"mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1", *store,
              "--artifacts-destination", (workdir/"mlartifacts").as_uri()],
-            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) if name == "mlflow" else (
-           [sys.executable, "-c", "from fruitflow.warm import keep; keep()"], {})  # "kernel": the warm kernel's keeper
+            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | db)
 
 # %% ../nbs/13_servers.ipynb #d133be1c
 def _start_time(pid: int) -> int|None:
@@ -61,11 +64,11 @@ def env_from_servers(workdir: Path) -> dict[str, str]:
     return env
 
 # %% ../nbs/13_servers.ipynb #ea11d74c
-def _port_free(port: int) -> bool:
-    "Can a server bind `port` on the loopback address?"
+def _port_free(port: int, host: str = HOST) -> bool:
+    "Can a server bind `port` on `host` (the loopback address)?"
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a port in TIME_WAIT after `down` is free
-        try: s.bind((HOST, port)); return True
+        try: s.bind((host, port)); return True
         except OSError: return False
 
 def _healthy(info: dict, timeout: float = 2) -> bool:
@@ -80,15 +83,15 @@ def _warm_up(info: dict, timeout: float = 30) -> None:
     "Make the first API call to the server of `info`, which costs a fresh server what it sets up on it, so that the first run does not wait for that."
     with contextlib.suppress(OSError), urllib.request.urlopen(info["url"] + WARM[info["name"]], timeout=timeout): pass
 
-def _start(name: str, port: int|None, workdir: Path) -> dict:
+def _start(name: str, port: int|None, workdir: Path, database: str = "", host: str = HOST) -> dict:
     "Start server `name` on `port` in the background; its pid file contents."
-    cmd, extra = _command(name, port, workdir)
+    cmd, extra = _command(name, port, workdir, database, host)
     state = workdir/STATE
     state.mkdir(parents=True, exist_ok=True)
     log = state/f"{name}.log"
     with open(log, "ab") as f:
         p = subprocess.Popen(cmd, cwd=workdir, env=os.environ | extra, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    info = dict(name=name, pid=p.pid, start=_start_time(p.pid), port=port, url=f"http://{HOST}:{port}" if port else None, log=str(log))
+    info = dict(name=name, pid=p.pid, start=_start_time(p.pid), port=port, url=f"http://{_client_host(host)}:{port}" if port else None, log=str(log))
     _pidfile(workdir, name).write_text(json.dumps(info))
     return info
 
@@ -129,15 +132,29 @@ def _stop(info: dict, grace: float = 20) -> None:
         if _group(pid): os.killpg(pid, signal.SIGKILL)
 
 # %% ../nbs/13_servers.ipynb #015aed37
+def _exposed(host: str) -> None:
+    "Warn that the servers listen beyond this machine, and say which of Prefect's basic auth and MLflow's allowed hosts are set (from the environment)."
+    auth, hosts = os.environ.get("PREFECT_SERVER_API_AUTH_STRING"), os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS")
+    print(f"fruitflow up: warning: the servers listen on {host}, beyond this machine; "
+          f"Prefect {'asks for basic auth (clients set PREFECT_API_AUTH_STRING)' if auth else 'has no password: set PREFECT_SERVER_API_AUTH_STRING=user:password'}; "
+          f"MLflow {'answers the host names in MLFLOW_SERVER_ALLOWED_HOSTS' if hosts else 'answers localhost and private addresses only, until MLFLOW_SERVER_ALLOWED_HOSTS lists your host names'}, and has no login (put a proxy with TLS in front)", file=sys.stderr)
+
 def up(args) -> int:
     "`fruitflow up`: start the servers that are not running yet, wait until they answer, print their URLs."
     wd = Path(args.workdir).resolve()
     ports, have = {"prefect": args.prefect_port, "mlflow": args.mlflow_port}, running(wd)
     for n in SERVERS:
-        if n not in have and not _port_free(ports[n]):
-            print(f"fruitflow up: error: port {ports[n]} on {HOST} is taken by another program; choose another with --{n}-port", file=sys.stderr)
+        if n not in have and not _port_free(ports[n], args.host):
+            print(f"fruitflow up: error: port {ports[n]} on {args.host} is taken by another program; choose another with --{n}-port", file=sys.stderr)
             return 1
-    started = [_start(n, ports[n], wd) for n in SERVERS if n not in have]
+    if args.host not in (HOST, "localhost", "::1"): _exposed(args.host)
+    if args.database and len(have) < len(SERVERS):
+        try: made = ensure_databases(args.database)
+        except DatabaseError as e:
+            print(f"fruitflow up: error: {e}", file=sys.stderr)
+            return 1
+        print(f"stores: PostgreSQL {redacted(args.database)}, databases {', '.join(DATABASES.values())}" + (f" (created {', '.join(made)})" if made else ""))
+    started = [_start(n, ports[n], wd, args.database, args.host) for n in SERVERS if n not in have]
     for n, i in have.items(): print(f"{n} is already running (pid {i['pid']})")
     failed = _wait(started + list(have.values()), args.timeout)
     for n in failed:
@@ -200,6 +217,8 @@ def add_parsers(sub) -> None:
     u.add_argument("--timeout", type=float, default=300, help="seconds to wait for both to answer (default 300)")
     u.add_argument("--no-warm-kernel", dest="warm_kernel", action="store_false",
                    help="keep no warm kernel for the next run (default: one waits, its modules imported; see fruitflow.warm)")
+    u.add_argument("--host", default=HOST, help=f"address both servers listen on (default {HOST}: this machine only; another warns, see docs/scale-out.md)")
+    u.add_argument("--database", default="", metavar="URL", help="keep both servers' state in PostgreSQL: postgresql://USER[:PASSWORD]@HOST:PORT (databases fruitflow_prefect, fruitflow_mlflow, created when missing; default: SQLite files here)")
     u.set_defaults(func=up)
     sub.add_parser("status", help="each dashboard's URL, pid, health and log").set_defaults(func=status)
     sub.add_parser("down", help="stop the dashboards that `fruitflow up` started").set_defaults(func=down)

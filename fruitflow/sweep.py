@@ -36,6 +36,7 @@ class SweepConfig(BaseModel):
     trials: int = Field(0, ge=0, le=10_000)  # grid: at most this many (0: all); random: how many (0: 4)
     workers: int = Field(2, ge=1, le=256)  # trials running at once
     task_runner: str = Field(THREADS, pattern=r"^[A-Za-z_][\w.]*\.\w+$")  # dotted path of a Prefect task runner class
+    scheduler: str = ""  # address of a running Dask scheduler (tcp://HOST:PORT) the runner connects to ("": it starts its own cluster)
 
 # %% ../nbs/15_sweep.ipynb #75dfb924
 PARAMS = ("learning_rate", "augment", "width", "epochs", "image_size", "synthetic")  # what a trial sets
@@ -53,14 +54,18 @@ def points(space: Space,  # the values to try
 # %% ../nbs/15_sweep.ipynb #4a4df7e9
 def task_runner(path: str = THREADS,  # dotted path of a Prefect task runner class
                 workers: int = 2,  # trials at once
+                scheduler: str = "",  # a running cluster's scheduler address, for a runner that takes one (prefect-dask's)
                ):
-    "An instance of the task runner class at `path`, sized for `workers` where it takes a size."
+    "An instance of the task runner class at `path`, connected to `scheduler`, or sized for `workers` where it takes a size."
     mod, _, name = path.rpartition(".")
     try: cls = getattr(importlib.import_module(mod), name)
     except ImportError as e:
         raise ValueError(f"task runner {path}: cannot import {mod} ({e}); install the package that provides it (pip install {mod.split('.')[0].replace('_', '-')})") from e
     except AttributeError as e: raise ValueError(f"task runner {path}: {mod} has no {name}") from e
     params = inspect.signature(cls).parameters
+    if scheduler:
+        if "address" not in params: raise ValueError(f"task runner {path} takes no scheduler address (--scheduler): use prefect_dask.DaskTaskRunner")
+        return cls(address=scheduler)  # the cluster's own workers run the trials; --workers does not size it
     if "max_workers" in params: return cls(max_workers=workers)
     if "cluster_kwargs" in params: return cls(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})  # prefect-dask: a LocalCluster
     return cls()
@@ -193,7 +198,7 @@ def sweep(cfg: SweepConfig) -> dict:
     from prefect import flow
     from prefect.settings import get_current_settings, temporary_settings
     from fruitflow.servers import TemporaryPrefectServer, quiet_heartbeats
-    runner = task_runner(cfg.task_runner, cfg.workers)  # an unknown runner fails before anything starts
+    runner = task_runner(cfg.task_runner, cfg.workers, cfg.scheduler)  # an unknown runner fails before anything starts
     api = get_current_settings().api.url
     server = None if api else TemporaryPrefectServer(get_current_settings().home)
     try:
@@ -209,14 +214,14 @@ _SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experim
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
     "The sweep's `SweepConfig` from parsed options; a bad value exits with one line and code 2."
     from pydantic import ValidationError
-    a = vars(args)
+    a = vars(args) | {"workdir": str(Path(args.workdir).resolve())}  # trials may run in processes started elsewhere (a Dask cluster's workers)
     def build(cls, names, **extra):
         try: return cls(**{k: a[k] for k in names}, **extra)
         except ValidationError as e:
             err = e.errors()[0]
             print(f"fruitflow sweep: error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')} (see fruitflow sweep --help)", file=sys.stderr)
             sys.exit(2)
-    return build(SweepConfig, ("strategy", "trials", "workers", "task_runner"), run=build(Config, _SHARED), space=build(Space, PARAMS))
+    return build(SweepConfig, ("strategy", "trials", "workers", "task_runner", "scheduler"), run=build(Config, _SHARED), space=build(Space, PARAMS))
 
 def _table(results: list[dict]) -> str:
     "The trials as a fixed-width table."
@@ -231,7 +236,7 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     cfg = sweep_config(args)
     from fruitflow.servers import env_defaults
     env_defaults(cfg.run.workdir)  # before anything imports Prefect, which reads its settings (PREFECT_HOME) once, at import
-    try: task_runner(cfg.task_runner, cfg.workers)
+    try: task_runner(cfg.task_runner, cfg.workers, cfg.scheduler)
     except ValueError as e:
         print(f"fruitflow sweep: error: --task-runner: {e}", file=sys.stderr)
         return 2
@@ -269,5 +274,6 @@ def add_parsers(sub):  # the `fruitflow` command's sub-parsers
     p.add_argument("--trials", type=int, default=0, help="grid: at most this many trials (default 0: all); random: how many (default 0: 4)")
     p.add_argument("--workers", type=int, default=2, help="trials running at once (default 2)")
     p.add_argument("--task-runner", default=THREADS, help=f"dotted path of a Prefect task runner class (default {THREADS}; e.g. prefect_dask.DaskTaskRunner)")
+    p.add_argument("--scheduler", default="", metavar="ADDRESS", help="a running Dask scheduler (tcp://HOST:PORT) whose workers run the trials, with --task-runner prefect_dask.DaskTaskRunner (default: the runner starts its own cluster)")
     data_options(p)
     p.set_defaults(func=sweep_cmd)
