@@ -35,6 +35,7 @@ VARIANTS = {
     "small-colour": ("small", dict(colour=True), 0),  # the new training plus the colour-histogram branch
     "small+synthetic10": ("small", {}, 10),  # the default model, its training folds mixed with synthetic photos
     "small+synthetic40": ("small", {}, 40),  # what the pipeline trains by default
+    "efficientnet-pooled": ("efficientnet", dict(features="pooled"), 0),  # its head on the 1280 pooled features, however few the photos (--real)
 }
 
 def _with_options(options: dict):
@@ -86,7 +87,8 @@ def real_photos(work: Path, a) -> None:
     from fruitflow.train import train, split_info
     write_manifest(REAL_PHOTOS, work/"real.csv"); write_manifest(a.images, work/"lab.csv")
     part = HALVES[a.half]
-    for kind in a.models:
+    for m in a.models:
+        kind, options, _ = VARIANTS.get(m, (m, {}, 0))
         size = a.image_size or (160 if kind == "efficientnet" else 96)
         real = work/f"real-{size}"
         if not real.exists():
@@ -94,26 +96,26 @@ def real_photos(work: Path, a) -> None:
         info = split_info(real); chosen = [i for i, f in enumerate(info["files"]) if half(f) == part]
         accs, secs = [], []
         for seed in range(a.repeats):
-            d = work/f"lab-{kind}-{seed}"
+            d = work/f"lab-{m}-{seed}"
             preprocess(work/"lab.csv", d/"split", size, seed=seed)
             keras.backend.clear_session(); t = time.perf_counter()
-            out = train(d/"split", d/"model.keras", kind, a.epochs, a.batch_size, seed=seed, synthetic=40, cache_dir=work/"cache")
+            out = train(d/"split", d/"model.keras", kind, a.epochs, a.batch_size, seed=seed, synthetic=40, cache_dir=work/"cache", **options)
             secs.append(time.perf_counter() - t)
             accs.append(_accuracy(out["model_path"], real, chosen, split_info(d/"split")["classes"]))
-            print(f"{kind} seed {seed}: {accs[-1]:.3f} on {len(chosen)} real photos ({a.half} half), trained in {secs[-1]:.1f} s", flush=True)
-        print(f"RESULT lab-trained {kind} {size}px: mean {statistics.mean(accs):.3f} min {min(accs):.3f} max {max(accs):.3f}"
+            print(f"{m} seed {seed}: {accs[-1]:.3f} on {len(chosen)} real photos ({a.half} half), trained in {secs[-1]:.1f} s", flush=True)
+        print(f"RESULT lab-trained {m} {size}px: mean {statistics.mean(accs):.3f} min {min(accs):.3f} max {max(accs):.3f}"
               f" over {a.repeats} seeds; training {statistics.mean(secs):.1f} s ({min(secs):.1f}-{max(secs):.1f})", flush=True)
         rng, y = np.random.default_rng(0), np.load(real/"y.npy")
         test = sorted(rng.choice(chosen, round(0.2 * len(y)), replace=False).tolist())
         rest = rng.permutation(sorted(set(range(len(y))) - set(test))).tolist()
-        d = work/f"real80-{kind}"; d.mkdir()
+        d = work/f"real80-{m}"; d.mkdir()
         for f in ("x.npy", "y.npy"): (d/f).symlink_to(real/f)
         n_val = len(rest) // 10
         (d/"split.json").write_text(json.dumps(info | {"splits": {"train": sorted(rest[n_val:]), "val": sorted(rest[:n_val]), "test": test}}))
         keras.backend.clear_session(); t = time.perf_counter()
-        out = train(d, d/"model.keras", kind, a.epochs, a.batch_size, seed=0, synthetic=40, cache_dir=work/"cache")
+        out = train(d, d/"model.keras", kind, a.epochs, a.batch_size, seed=0, synthetic=40, cache_dir=work/"cache", **options)
         s = time.perf_counter() - t
-        print(f"RESULT 80%-trained {kind} {size}px: {_accuracy(out['model_path'], real, test, info['classes']):.3f} on {len(test)} real photos"
+        print(f"RESULT 80%-trained {m} {size}px: {_accuracy(out['model_path'], real, test, info['classes']):.3f} on {len(test)} real photos"
               f" ({len(rest) - n_val} trained on, {n_val} for early stopping); training {s:.1f} s", flush=True)
 
 LAB_IMAGES = Path(__file__).resolve().parent.parent.parent/"shared"/"data"/"lab-images"

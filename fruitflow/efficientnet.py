@@ -12,8 +12,8 @@ import keras
 from keras import layers
 
 # %% auto #0
-__all__ = ['STORAGES', 'WEIGHTS_PACKAGE', 'WEIGHTS_FILE', 'BLOCKS', 'IMAGENET_ORANGE', 'read_torch', 'package_weights', 'lite0',
-           'load_torch_state']
+__all__ = ['STORAGES', 'WEIGHTS_PACKAGE', 'WEIGHTS_FILE', 'BLOCKS', 'IMAGENET_ORANGE', 'IMAGENET_FRUIT', 'read_torch',
+           'package_weights', 'lite0', 'load_torch_state', 'imagenet_scores']
 
 # %% ../nbs/03a_efficientnet.ipynb #792568ad
 STORAGES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "LongStorage": "<i8", "IntStorage": "<i4",
@@ -85,6 +85,7 @@ def package_weights() -> Path:
 # %% ../nbs/03a_efficientnet.ipynb #bcdf17a5
 BLOCKS = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))  # per stage: blocks, kernel, first stride, expansion, channels out
 IMAGENET_ORANGE = 950  # ImageNet's class "orange"
+IMAGENET_FRUIT = tuple(range(948, 958))  # ImageNet's fruit: Granny Smith, strawberry, orange, lemon, fig, pineapple, banana, jackfruit, custard apple, pomegranate
 
 def _conv_bn(x, conv: layers.Layer, bn: str, relu: bool = True):
     "`conv`, then batch norm (epsilon 1e-3) named `bn`, then ReLU6 where `relu`."
@@ -125,3 +126,12 @@ def load_torch_state(model: keras.Model,  # a `lite0` (any image size)
         elif isinstance(l, layers.Conv2D): l.set_weights([w("weight").transpose(2, 3, 1, 0)])  # (out, in, h, w) -> (h, w, in, out)
         elif isinstance(l, layers.BatchNormalization): l.set_weights([w(k) for k in ("weight", "bias", "running_mean", "running_var")])
         elif isinstance(l, layers.Dense): l.set_weights([w("weight").T, w("bias")])
+
+def imagenet_scores(classes: tuple[int, ...] = IMAGENET_FRUIT,  # ImageNet classes to score
+                   ) -> layers.Dense:
+    "A frozen layer giving, from the pooled features of `lite0`, the logits of ImageNet's own head for `classes`."
+    fc = read_torch(package_weights())
+    d = layers.Dense(len(classes), name="imagenet_scores", trainable=False)
+    d.build((None, fc["_fc.weight"].shape[1]))
+    d.set_weights([fc["_fc.weight"][list(classes)].T, fc["_fc.bias"][list(classes)]])
+    return d

@@ -119,18 +119,19 @@ def build_model(kind: str = "small",  # small | lab | efficientnet
                 seed: int = 42,  # seed of the dropout
                 colour: bool = False,  # add the learned colour-histogram branch (small)
                 precision: str = "float32",  # float32 | bfloat16: computed in bfloat16, its weights and softmax in float32
+                features: str = "pooled",  # efficientnet's head learns from: pooled (its 1280 pooled features) | fruit (ImageNet's scores of its 10 fruit classes)
                ) -> keras.Model:
     "A fresh, uncompiled classifier of `kind`."
     if precision not in PRECISIONS: raise ValueError(f"precision {precision!r}: expected {' or '.join(PRECISIONS)}")
     before = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[precision])  # Keras keeps it per thread: trials in threads do not mix
-    try: return _build(kind, image_size, n_classes, width, seed, colour)
+    try: return _build(kind, image_size, n_classes, width, seed, colour, features)
     finally: keras.config.set_dtype_policy(before)
 
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # precision: Keras' dtype policy
 EFFICIENTNET_SIZE = 160  # the side efficientnet sees its images at (see above)
 
-def _build(kind, image_size, n_classes, width, seed, colour):
+def _build(kind, image_size, n_classes, width, seed, colour, features="pooled"):
     "`build_model`'s layers, each under Keras' dtype policy of the moment but the softmax (float32)."
     inputs = keras.Input((image_size, image_size, 3))
     if kind == "lab":
@@ -145,13 +146,16 @@ def _build(kind, image_size, n_classes, width, seed, colour):
         if colour: x = layers.Concatenate()([x, _colour_histogram(pixels, width)])
         x = layers.Dropout(0.3, seed=seed)(x)
     elif kind == "efficientnet":
-        from fruitflow.efficientnet import lite0
+        from fruitflow.efficientnet import imagenet_scores, lite0
+        if features not in ("pooled", "fruit"): raise ValueError(f"features {features!r}: expected pooled or fruit")
         base = lite0(EFFICIENTNET_SIZE)  # with its ImageNet weights
-        base.trainable = False  # tiny data: only the new head learns
+        base.trainable = False  # only the new head learns
         x = inputs if image_size == EFFICIENTNET_SIZE else layers.Resizing(EFFICIENTNET_SIZE, EFFICIENTNET_SIZE)(inputs)
-        x = layers.Dropout(0.3, seed=seed)(base(x, training=False))
+        x = base(x, training=False)
+        x = layers.Dropout(0.0 if features == "fruit" else 0.3, seed=seed)(imagenet_scores()(x) if features == "fruit" else x)  # 10 scores: dropping any underfits
     else: raise ValueError(f"model_kind {kind!r}: expected small, lab or efficientnet")
-    return keras.Model(inputs, layers.Dense(n_classes, activation="softmax", dtype="float32")(x), name=kind)
+    init = "zeros" if kind == "efficientnet" and features == "fruit" else "glorot_uniform"  # 10 scores of about ±6: random weights would start far off
+    return keras.Model(inputs, layers.Dense(n_classes, activation="softmax", dtype="float32", kernel_initializer=init)(x), name=kind)
 
 def _colour_histogram(pixels, bins: int):
     "A soft colour histogram: `bins` learned colour regions (1×1 convolutions), each pixel's share averaged over the image."
@@ -170,7 +174,7 @@ def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     "Steps per epoch: one pass over `n` images, or more (the set repeated) so that `epochs` make `min_steps`."
     return max(-(-n // batch_size), -(-min_steps // max(epochs, 1)), 1)
 
-VIEWS, FEW = 4, 100  # efficientnet on a training split of fewer than FEW images: its head learns from them and 3 augmented copies
+VIEWS, FEW = 4, 100  # efficientnet on a training split of fewer than FEW images: its head learns from ImageNet's fruit scores of them and 3 augmented copies
 
 def _views(n: int, kind: str, augment: float) -> int:
     "How many times `train` shows each of `n` training images: efficientnet's head sees augmented copies of a tiny split (a large one is its own variety)."
@@ -220,6 +224,7 @@ def train(split_dir: Path,  # the split written by preprocess
           synthetic: int = 0,  # synthetic photos of each class mixed into the training split (apples and oranges only)
           cache_dir: Path|None = None,  # where the synthetic photos are kept between runs (None: drawn each time)
           precision: str = "auto",  # float32 | bfloat16 (computed in bfloat16) | auto: bfloat16 where `bfloat16_native()`; the saved model is float32
+          features: str | None = None,  # efficientnet's head learns from: pooled | fruit (None: fruit for a training split of fewer than `FEW` images, else pooled)
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
     if precision not in (*PRECISIONS, "auto"): raise ValueError(f"precision {precision!r}: expected {', '.join(PRECISIONS)} or auto")
@@ -235,7 +240,8 @@ def train(split_dir: Path,  # the split written by preprocess
     n_train = len(info["splits"]["train"]) * _views(len(info["splits"]["train"]), model_kind, augment) + n_extra
     steps = _steps(n_train, batch_size, epochs, min_steps)
     lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps * epochs, alpha=0.1) if (small if schedule is None else schedule) else learning_rate
-    model = build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour, precision)
+    features = features or ("fruit" if len(info["splits"]["train"]) < FEW else "pooled")  # efficientnet's head: see above
+    model = build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour, precision, features)
     model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     _build_state(model, info["image_size"])
     y = np.concatenate([np.load(Path(split_dir)/"y.npy")[info["splits"]["train"]], [] if extra is None else extra[1]])
@@ -251,7 +257,7 @@ def train(split_dir: Path,  # the split written by preprocess
                          batch_size=batch_size, shuffle=False, validation_data=load_split(split_dir, "val", batch_size) if has_val else None,
                          class_weight=weights, callbacks=stop).history
     if precision != "float32":  # saved in float32, so that it predicts alike on every machine, with or without bfloat16
-        trained, model = model, build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour)
+        trained, model = model, build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour, features=features)
         model.set_weights(trained.get_weights())  # its weights were float32 all along
         model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
         model.optimizer.build(model.trainable_variables)

@@ -29,6 +29,7 @@ def check_complete_run(wd: Path, run, epochs: int):
     assert run.data.params["precision"] in ("float32", "bfloat16")  # as train resolved "auto" on this machine
     code = Path(urllib.parse.urlparse(c.get_logged_model(mv.source.removeprefix("models:/")).artifact_location).path)/"code"/"fruitflow"
     assert sorted(p.name for p in code.iterdir()) == ["__init__.py", "core.py", "predict.py"]  # the code the model loads, not the whole package
+    assert (code.parent.parent/"fruit_model.py").is_file() and not list(code.parent.parent.rglob("*.pkl"))  # models-from-code: nothing pickled
     run_dir = Path(run.data.tags["run_dir"])
     assert all((run_dir/f"{s}.ipynb").exists() for s in STEPS)
     log = (run_dir/"kernels.log").read_text()  # every step ran in the kernel started ahead and shared (the default): this log says which kernel ran each step
@@ -144,7 +145,7 @@ def test_bad_option_is_one_line_and_starts_nothing(tmp_path, args, says):
 
 def test_efficientnet_trains_offline_from_the_package_weights(tmp_path, prefect_api):
     "Transfer learning, offline: EfficientNet-Lite0 with the ImageNet weights of an installed package, a full run that registers it."
-    p = fruitflow("run", "--model", "efficientnet", "--source", "synthetic", "--n-per-class", "6", *FAST, workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
+    p = fruitflow("run", *FAST, "--model", "efficientnet", "--source", "synthetic", "--n-per-class", "6", workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     (run,) = runs(tmp_path)
     assert run.info.status == "FINISHED" and run.data.params["model_kind"] == "efficientnet" and run.data.tags["registered_version"] == "1"
