@@ -15,9 +15,9 @@ __all__ = ['run', 'parser', 'config', 'main']
 def _preflight(cfg: Config) -> str|None:
     "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
     from fruitflow.tracking import unreachable
-    if cfg.model_kind == "mobilenet":
-        from fruitflow.core import pretrained_weights
-        try: pretrained_weights(cfg.image_size)
+    if cfg.model_kind == "efficientnet":
+        from fruitflow.efficientnet import package_weights
+        try: package_weights()
         except FileNotFoundError as e: return str(e)
     uri = cfg.resolved_tracking_uri()
     if why := unreachable(uri):

@@ -37,7 +37,7 @@ class Config(BaseModel):
     batch_size: int = Field(8, ge=1, le=4096)  # images per step
     image_size: int = Field(96, ge=16, le=1024)  # side of the square images (the lab: 150; 96 cross-validates the same, 1.7× faster)
     learning_rate: float = Field(1e-3, gt=0, le=1)  # Adam's step size
-    model_kind: Literal["small", "lab", "mobilenet"] = "small"  # the default CNN, the lab's architecture, or pretrained MobileNetV2
+    model_kind: Literal["small", "lab", "efficientnet"] = "efficientnet"  # pretrained EfficientNet-Lite0 (best on real photos: docs/benchmarks.md), a small CNN, or the lab's architecture
     synthetic: int = Field(40, ge=0, le=100_000)  # synthetic photos per class mixed into training (apples and oranges only)
     seed: int = Field(42, ge=0)  # seed of data, split and training
     n_per_class: int = Field(10, ge=1, le=1_000_000)  # lab images (N = 1..n) or synthetic images per class
@@ -115,7 +115,7 @@ def data_options(p: argparse.ArgumentParser):
     "Add the options `run` shares with other commands (`sweep`): data, model, registry, limits, work folder."
     p.add_argument("--source", default="auto", help="auto (default: the lab's images, else synthetic), github, synthetic, a folder with one sub-folder per class, or a .zip/.tar.gz path or URL")
     p.add_argument("--batch-size", type=int, default=8, help="images per training step (default 8)")
-    p.add_argument("--model", dest="model_kind", default="small", help="small (default CNN), lab (the lab's architecture) or mobilenet (pretrained MobileNetV2: its weights must be on this machine)")
+    p.add_argument("--model", dest="model_kind", default="efficientnet", help="efficientnet (default: EfficientNet-Lite0 with ImageNet weights, offline), small (a small CNN) or lab (the lab's architecture)")
     p.add_argument("--seed", type=int, default=42, help="seed of data, split and training (default 42)")
     p.add_argument("--n-per-class", type=int, default=10, help="lab images (N = 1..n) or synthetic images per class (default 10)")
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")

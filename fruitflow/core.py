@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'MIN_SIDE', 'MOBILENET_SIZES', 'ImageError', 'load_image', 'to_array', 'list_images', 'step_run',
-           'pretrained_weights']
+__all__ = ['MAX_PIXELS', 'MIN_SIDE', 'ImageError', 'load_image', 'to_array', 'list_images', 'step_run']
 
 # %% ../nbs/00_core.ipynb #0b02fd3d
 MAX_PIXELS = 40_000_000  # refuse images above this many pixels (decompression bombs) before decoding
@@ -99,15 +98,3 @@ def step_run(run_id: str,  # the pipeline's MLflow run; "" runs the step without
         mlflow.end_run("FAILED")
         raise
     else: mlflow.end_run("RUNNING")
-
-# %% ../nbs/00_core.ipynb #cf318aad
-MOBILENET_SIZES = (96, 128, 160, 192, 224)  # input sides MobileNetV2 has ImageNet weights for
-
-def pretrained_weights(image_size: int) -> Path:
-    "The local file of MobileNetV2 (α 0.35, no top) ImageNet weights for `image_size`; FileNotFoundError saying where to put it."
-    rows = image_size if image_size in MOBILENET_SIZES else 224  # Keras's own choice for other sizes
-    name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_{rows}_no_top.h5"
-    p = Path(os.environ["FRUITFLOW_WEIGHTS"]).expanduser() if os.environ.get("FRUITFLOW_WEIGHTS") else Path.home()/".keras"/"models"/name
-    if p.is_file(): return p
-    raise FileNotFoundError(f"--model mobilenet needs MobileNetV2's ImageNet weights and {p} is not there; fruitflow does not download them: "
-                            f"copy {name} (Keras saves it in ~/.keras/models/ when online) there, or set FRUITFLOW_WEIGHTS to its path")

@@ -64,7 +64,7 @@ def _log(run_id: str, tracking_uri: str, out: dict, params: dict):
 
 def crossval(split_dir: Path,  # the preprocessed set: all its usable images are used
              out_dir: Path,  # where the folds' split folders and models go
-             model_kind: str = "small",  # small | lab | mobilenet
+             model_kind: str = "small",  # small | lab | efficientnet
              k: int = 5,  # folds
              repeats: int = 1,  # seeds seed, seed+1, ... to repeat the k folds with
              epochs: int = 10,  # most epochs per fold

@@ -44,7 +44,7 @@ def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder
              batch_size: int = 8,  # images per step
              image_size: int = 96,  # side of the square images
              learning_rate: float = 1e-3,  # Adam's step size
-             model_kind: Literal["small", "lab", "mobilenet"] = "small",  # the default CNN, the lab's, or pretrained MobileNetV2
+             model_kind: Literal["small", "lab", "efficientnet"] = "efficientnet",  # pretrained EfficientNet-Lite0, a small CNN, or the lab's
              synthetic: int = 40,  # synthetic photos per class mixed into training
              seed: int = 42,  # seed of data, split and training
              n_per_class: int = 10,  # lab images (N = 1..n) or synthetic images per class

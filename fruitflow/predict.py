@@ -14,7 +14,7 @@ from mlflow.types import ColSpec, Schema
 from .core import load_image, to_array
 
 # %% auto #0
-__all__ = ['MODEL_CODE', 'signature', 'FruitModel', 'batched_predict', 'model_code', 'predict']
+__all__ = ['MODEL_CODE', 'MODEL_FILE', 'signature', 'FruitModel', 'batched_predict', 'model_code', 'model_file', 'predict']
 
 # %% ../nbs/06_predict.ipynb #90aa486d
 def _as_bytes(v) -> bytes:
@@ -57,6 +57,18 @@ def model_code(dest: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     for f in MODEL_CODE: shutil.copy2(src/f, out/f)
     return str(out)
+
+# %% ../nbs/06_predict.ipynb #3d490e29
+MODEL_FILE = '''"fruitflow's pyfunc, as MLflow's models-from-code loads it: this file runs, nothing is unpickled."
+import mlflow.models
+from fruitflow.predict import FruitModel
+mlflow.models.set_model(FruitModel())
+'''
+
+def model_file(dest: Path) -> str:
+    "Write the models-from-code file of the pyfunc into `dest`: the path `log_model` takes as `python_model`."
+    (p := Path(dest)/"fruit_model.py").write_text(MODEL_FILE)
+    return str(p)
 
 # %% ../nbs/06_predict.ipynb #8b58dcad
 def predict(images: list,  # paths or bytes of image files

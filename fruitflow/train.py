@@ -12,8 +12,8 @@ from keras import layers
 import tensorflow as tf
 
 # %% auto #0
-__all__ = ['PIPELINE', 'PRECISIONS', 'load_split', 'split_info', 'synthetic_images', 'augment_images', 'augmented', 'build_model',
-           'bfloat16_native', 'train', 'warm_up', 'requirements']
+__all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZE', 'VIEWS', 'FEW', 'load_split', 'split_info', 'synthetic_images',
+           'augment_images', 'augmented', 'build_model', 'bfloat16_native', 'train', 'warm_up', 'requirements']
 
 # %% ../nbs/03_train.ipynb #1f20c8b9
 PIPELINE = tf.data.Options()
@@ -112,24 +112,26 @@ def augmented(ds: tf.data.Dataset,  # batches of (images, labels), e.g. `load_sp
     return ds.enumerate().map(aug, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).with_options(PIPELINE)
 
 # %% ../nbs/03_train.ipynb #c211f72c
-def build_model(kind: str = "small",  # small | lab | mobilenet
+def build_model(kind: str = "small",  # small | lab | efficientnet
                 image_size: int = 150,  # side of the square input images
                 n_classes: int = 2,  # outputs of the softmax
                 width: int = 16,  # filters of the first block (small)
                 seed: int = 42,  # seed of the dropout
                 colour: bool = False,  # add the learned colour-histogram branch (small)
                 precision: str = "float32",  # float32 | bfloat16: computed in bfloat16, its weights and softmax in float32
+                features: str = "pooled",  # efficientnet's head learns from: pooled (its 1280 pooled features) | fruit (ImageNet's scores of its 10 fruit classes)
                ) -> keras.Model:
     "A fresh, uncompiled classifier of `kind`."
     if precision not in PRECISIONS: raise ValueError(f"precision {precision!r}: expected {' or '.join(PRECISIONS)}")
     before = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[precision])  # Keras keeps it per thread: trials in threads do not mix
-    try: return _build(kind, image_size, n_classes, width, seed, colour)
+    try: return _build(kind, image_size, n_classes, width, seed, colour, features)
     finally: keras.config.set_dtype_policy(before)
 
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # precision: Keras' dtype policy
+EFFICIENTNET_SIZE = 160  # the side efficientnet sees its images at (see above)
 
-def _build(kind, image_size, n_classes, width, seed, colour):
+def _build(kind, image_size, n_classes, width, seed, colour, features="pooled"):
     "`build_model`'s layers, each under Keras' dtype policy of the moment but the softmax (float32)."
     inputs = keras.Input((image_size, image_size, 3))
     if kind == "lab":
@@ -143,13 +145,17 @@ def _build(kind, image_size, n_classes, width, seed, colour):
         x = layers.GlobalAveragePooling2D()(x)
         if colour: x = layers.Concatenate()([x, _colour_histogram(pixels, width)])
         x = layers.Dropout(0.3, seed=seed)(x)
-    elif kind == "mobilenet":
-        from fruitflow.core import pretrained_weights
-        base = keras.applications.MobileNetV2((image_size, image_size, 3), alpha=0.35, include_top=False, weights=str(pretrained_weights(image_size)))
-        base.trainable = False  # tiny data: only the new head learns
-        x = layers.Dropout(0.3, seed=seed)(layers.GlobalAveragePooling2D()(base(layers.Rescaling(1 / 127.5, offset=-1)(inputs), training=False)))
-    else: raise ValueError(f"model_kind {kind!r}: expected small, lab or mobilenet")
-    return keras.Model(inputs, layers.Dense(n_classes, activation="softmax", dtype="float32")(x), name=kind)
+    elif kind == "efficientnet":
+        from fruitflow.efficientnet import imagenet_scores, lite0
+        if features not in ("pooled", "fruit"): raise ValueError(f"features {features!r}: expected pooled or fruit")
+        base = lite0(EFFICIENTNET_SIZE)  # with its ImageNet weights
+        base.trainable = False  # only the new head learns
+        x = inputs if image_size == EFFICIENTNET_SIZE else layers.Resizing(EFFICIENTNET_SIZE, EFFICIENTNET_SIZE)(inputs)
+        x = base(x, training=False)
+        x = layers.Dropout(0.0 if features == "fruit" else 0.3, seed=seed)(imagenet_scores()(x) if features == "fruit" else x)  # 10 scores: dropping any underfits
+    else: raise ValueError(f"model_kind {kind!r}: expected small, lab or efficientnet")
+    init = "zeros" if kind == "efficientnet" and features == "fruit" else "glorot_uniform"  # 10 scores of about ±6: random weights would start far off
+    return keras.Model(inputs, layers.Dense(n_classes, activation="softmax", dtype="float32", kernel_initializer=init)(x), name=kind)
 
 def _colour_histogram(pixels, bins: int):
     "A soft colour histogram: `bins` learned colour regions (1×1 convolutions), each pixel's share averaged over the image."
@@ -168,6 +174,33 @@ def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     "Steps per epoch: one pass over `n` images, or more (the set repeated) so that `epochs` make `min_steps`."
     return max(-(-n // batch_size), -(-min_steps // max(epochs, 1)), 1)
 
+VIEWS, FEW = 4, 100  # efficientnet on a training split of fewer than FEW images: its head learns from ImageNet's fruit scores of them and 3 augmented copies
+
+def _views(n: int, kind: str, augment: float) -> int:
+    "How many times `train` shows each of `n` training images: efficientnet's head sees augmented copies of a tiny split (a large one is its own variety)."
+    return VIEWS if kind == "efficientnet" and augment > 0 and n < FEW else 1
+
+def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a frozen backbone, its pooled features, a dropout and the softmax
+              split_dir: Path, batch_size: int, epochs: int, steps: int, augment: float, seed: int,  # as `train` was given them or chose (steps an epoch)
+              class_weight: dict, callbacks: list, has_val: bool,  # as `train` fits with
+             ) -> dict:
+    "Fit only the softmax of `model`, on pooled features computed once per image and view: the frozen backbone runs once, not at every step."
+    drop, dense = model.layers[-2:]
+    features = keras.Model(model.inputs, drop.input)
+    train = load_split(split_dir, "train", batch_size)
+    n = len(split_info(split_dir)["splits"]["train"])
+    views = [train] + [augmented(train, augment, seed + v) for v in range(1, _views(n, "efficientnet", augment))]
+    x = np.concatenate([features.predict(v, verbose=0) for v in views])
+    y = np.concatenate([np.concatenate([b[1].numpy() for b in train])] * len(views))
+    val = load_split(split_dir, "val", batch_size)
+    val = (features.predict(val, verbose=0), np.concatenate([b[1].numpy() for b in val])) if has_val else None
+    f = keras.Input(x.shape[1:])
+    head = keras.Model(f, dense(drop(f)))  # the very layers of `model`: training it trains them
+    head.compile(model.optimizer, keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
+    return head.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2, batch_size=batch_size, shuffle=False,
+                    validation_data=val, class_weight=class_weight, callbacks=callbacks).history
+
 def bfloat16_native() -> bool:
     "Whether this CPU computes bfloat16 itself (AVX-512 BF16 or AMX), so that mixed precision trains faster; without it, slower."
     try: cpu = Path("/proc/cpuinfo").read_text()
@@ -176,7 +209,7 @@ def bfloat16_native() -> bool:
 
 def train(split_dir: Path,  # the split written by preprocess
           model_path: Path,  # where to save the model (.keras)
-          model_kind: str = "small",  # small | lab
+          model_kind: str = "small",  # small | lab | efficientnet
           epochs: int = 10,  # most passes over the training split
           batch_size: int = 8,  # images per step
           learning_rate: float = 1e-3,  # Adam's first step size (small: cosine-decayed to a tenth)
@@ -191,34 +224,40 @@ def train(split_dir: Path,  # the split written by preprocess
           synthetic: int = 0,  # synthetic photos of each class mixed into the training split (apples and oranges only)
           cache_dir: Path|None = None,  # where the synthetic photos are kept between runs (None: drawn each time)
           precision: str = "auto",  # float32 | bfloat16 (computed in bfloat16) | auto: bfloat16 where `bfloat16_native()`; the saved model is float32
+          features: str | None = None,  # efficientnet's head learns from: pooled | fruit (None: fruit for a training split of fewer than `FEW` images, else pooled)
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
     if precision not in (*PRECISIONS, "auto"): raise ValueError(f"precision {precision!r}: expected {', '.join(PRECISIONS)} or auto")
     precision = ("bfloat16" if bfloat16_native() else "float32") if precision == "auto" else precision
     keras.utils.set_random_seed(seed)
-    info, model_path, small = split_info(split_dir), Path(model_path), model_kind != "lab"  # small and mobilenet: the tiny-data recipe
+    info, model_path, small = split_info(split_dir), Path(model_path), model_kind != "lab"  # small and efficientnet: the tiny-data recipe
     min_steps = (200 if small else 0) if min_steps is None else min_steps
     min_epochs = (epochs // 2 if small else 0) if min_epochs is None else min(min_epochs, epochs - 1)
+    if model_kind == "efficientnet" and synthetic: print(f"no synthetic photos mixed in: they make efficientnet worse on real photos"); synthetic = 0
     extra = synthetic_images(info["classes"], synthetic, info["image_size"], seed, cache_dir)
     if synthetic and extra is None: print(f"no synthetic photos mixed in: the generator draws apples and oranges, not {', '.join(info['classes'])}")
     n_extra = 0 if extra is None else len(extra[1])
-    steps = _steps(len(info["splits"]["train"]) + n_extra, batch_size, epochs, min_steps)
+    n_train = len(info["splits"]["train"]) * _views(len(info["splits"]["train"]), model_kind, augment) + n_extra
+    steps = _steps(n_train, batch_size, epochs, min_steps)
     lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps * epochs, alpha=0.1) if (small if schedule is None else schedule) else learning_rate
-    model = build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour, precision)
+    features = features or ("fruit" if len(info["splits"]["train"]) < FEW else "pooled")  # efficientnet's head: see above
+    model = build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour, precision, features)
     model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     _build_state(model, info["image_size"])
     y = np.concatenate([np.load(Path(split_dir)/"y.npy")[info["splits"]["train"]], [] if extra is None else extra[1]])
     weights = {c: len(y) / (len(info["classes"]) * max(1, (y == c).sum())) for c in range(len(info["classes"]))}
     has_val = len(info["splits"]["val"]) > 0
     stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True, start_from_epoch=min_epochs)] if has_val else []
-    # batch_size and shuffle=False are for autologging's record: the dataset batches and shuffles itself
-    batches = load_split(split_dir, "train", batch_size, shuffle=True, seed=seed, extra=extra).repeat()
-    if small and augment > 0: batches = augmented(batches, augment, seed)  # lab: as the lab trained it, no augmentation
-    hist = model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2,
-                     batch_size=batch_size, shuffle=False, validation_data=load_split(split_dir, "val", batch_size) if has_val else None,
-                     class_weight=weights, callbacks=stop).history
+    if model_kind == "efficientnet": hist = _fit_head(model, split_dir, batch_size, epochs, steps, augment, seed, weights, stop, has_val)
+    else:
+        # batch_size and shuffle=False are for autologging's record: the dataset batches and shuffles itself
+        batches = load_split(split_dir, "train", batch_size, shuffle=True, seed=seed, extra=extra).repeat()
+        if small and augment > 0: batches = augmented(batches, augment, seed)  # lab: as the lab trained it, no augmentation
+        hist = model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2,
+                         batch_size=batch_size, shuffle=False, validation_data=load_split(split_dir, "val", batch_size) if has_val else None,
+                         class_weight=weights, callbacks=stop).history
     if precision != "float32":  # saved in float32, so that it predicts alike on every machine, with or without bfloat16
-        trained, model = model, build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour)
+        trained, model = model, build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour, features=features)
         model.set_weights(trained.get_weights())  # its weights were float32 all along
         model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
         model.optimizer.build(model.trainable_variables)

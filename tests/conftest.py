@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LAB_IMAGES = ROOT.parent/"shared"/"data"/"lab-images"
 BIN = Path(sys.executable).parent
-FAST = ["--epochs", "1", "--image-size", "32", "--batch-size", "4"]  # tiny runs: the tests check plumbing, not accuracy
+FAST = ["--epochs", "1", "--image-size", "32", "--batch-size", "4", "--model", "small"]  # tiny runs: the tests check plumbing, not accuracy (small: no 14 MB backbone to build and log)
 
 def free_port() -> int:
     with socket.socket() as s:

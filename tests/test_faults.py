@@ -5,7 +5,7 @@ from pathlib import Path
 import psutil, pytest
 from conftest import BIN, FAST, free_port, fruitflow, mlflow_client, runs, wait_for as _wait_for, with_handlers
 
-SLOW_TRAIN = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--batch-size", "2", "--epochs", "400"]
+SLOW_TRAIN = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--batch-size", "2", "--epochs", "400", "--model", "small"]
 
 def _start(wd: Path, prefect_api: str|None, *args, handlers: dict|None = None) -> subprocess.Popen:
     "`fruitflow run ARGS` in `wd`, running on; without `prefect_api` it finds the servers `fruitflow up` started there; `handlers`: signal → SIG_DFL or SIG_IGN it starts with (as a terminal's job, or nohup's, whatever these tests inherited)."

@@ -29,6 +29,7 @@ def check_complete_run(wd: Path, run, epochs: int):
     assert run.data.params["precision"] in ("float32", "bfloat16")  # as train resolved "auto" on this machine
     code = Path(urllib.parse.urlparse(c.get_logged_model(mv.source.removeprefix("models:/")).artifact_location).path)/"code"/"fruitflow"
     assert sorted(p.name for p in code.iterdir()) == ["__init__.py", "core.py", "predict.py"]  # the code the model loads, not the whole package
+    assert (code.parent.parent/"fruit_model.py").is_file() and not list(code.parent.parent.rglob("*.pkl"))  # models-from-code: nothing pickled
     run_dir = Path(run.data.tags["run_dir"])
     assert all((run_dir/f"{s}.ipynb").exists() for s in STEPS)
     log = (run_dir/"kernels.log").read_text()  # every step ran in the kernel started ahead and shared (the default): this log says which kernel ran each step
@@ -142,19 +143,10 @@ def test_bad_option_is_one_line_and_starts_nothing(tmp_path, args, says):
     assert len(p.stderr.strip().splitlines()) == 1 and says in p.stderr, p.stderr
     assert not (tmp_path/"runs").exists() and not (tmp_path/"mlflow.db").exists()
 
-def test_mobilenet_needs_local_weights_and_trains_with_them(tmp_path, prefect_api):
-    "Transfer learning, offline: one line when the weights are not here; with a local file (random stand-in weights) a full run."
-    env = {"PREFECT_API_URL": prefect_api, "HOME": str(tmp_path)}  # a home without Keras's cache
-    p = fruitflow("run", "--model", "mobilenet", "--source", "synthetic", workdir=tmp_path, env=env, timeout=60)
-    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5" in p.stderr and "FRUITFLOW_WEIGHTS" in p.stderr  # at the default 96 px
-    assert not (tmp_path/"runs").exists() and not (tmp_path/"mlflow.db").exists()
-    import h5py, keras
-    from keras.src.legacy.saving import legacy_h5_format  # the layout Keras ships the real file in
-    weights = tmp_path/"mobilenet_no_top.h5"
-    with h5py.File(weights, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, keras.applications.MobileNetV2((96, 96, 3), alpha=0.35, include_top=False, weights=None))
-    p = fruitflow("run", "--model", "mobilenet", "--source", "synthetic", "--n-per-class", "6", *FAST, workdir=tmp_path, env=env | {"FRUITFLOW_WEIGHTS": str(weights)})
+def test_efficientnet_trains_offline_from_the_package_weights(tmp_path, prefect_api):
+    "Transfer learning, offline: EfficientNet-Lite0 with the ImageNet weights of an installed package, a full run that registers it."
+    p = fruitflow("run", *FAST, "--model", "efficientnet", "--source", "synthetic", "--n-per-class", "6", workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     (run,) = runs(tmp_path)
-    assert run.info.status == "FINISHED" and run.data.params["model_kind"] == "mobilenet" and run.data.tags["registered_version"] == "1"
+    assert run.info.status == "FINISHED" and run.data.params["model_kind"] == "efficientnet" and run.data.tags["registered_version"] == "1"
+    assert run.data.metrics["n_synthetic"] == 0 and run.data.metrics["n_params"] > 3_000_000  # drawn photos not mixed in; the backbone is in the model

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, fruitflow, runs
 
-RUN = ["run", "--source", "synthetic", "--n-per-class", "6", "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--min-test-images", "0"]  # a champion however small the test split
+RUN = ["run", "--source", "synthetic", "--n-per-class", "6", "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--min-test-images", "0", "--model", "small"]  # a champion however small the test split
 STEPS_IN_ORDER = ("download", "preprocess", "train", "evaluate", "register")
 STEPS = set(STEPS_IN_ORDER)
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 from conftest import fruitflow, mlflow_client, runs
 
-TINY = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--width", "8", "--min-test-images", "0"]  # a champion on 2 test images: these test the plumbing
+TINY = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--width", "8", "--min-test-images", "0", "--model", "small"]  # a champion on 2 test images: these test the plumbing
 
 def sweep(*args, workdir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     "`fruitflow sweep ...` as a user runs it."
