@@ -16,7 +16,7 @@ def _preflight(cfg: Config) -> str|None:
     "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
     from fruitflow.tracking import unreachable
     if cfg.model_kind == "efficientnet":
-        from fruitflow.efficientnet import package_weights
+        from fruitflow.core import package_weights  # not fruitflow.efficientnet, which imports Keras
         try: package_weights()
         except FileNotFoundError as e: return str(e)
     uri = cfg.resolved_tracking_uri()

