@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, fruitflow, runs
 
-TINY = ["-p", "source=synthetic", "-p", "epochs=1", "-p", "image_size=32", "-p", "batch_size=4", "-p", "n_per_class=8"]
+TINY = ["-p", "source=synthetic", "-p", "epochs=1", "-p", "image_size=32", "-p", "batch_size=4", "-p", "n_per_class=8", "-p", "model_kind=small", "-p", "min_test_images=0"]  # plumbing: the small CNN, a champion on a tiny test split
 
 def clean_env(**extra) -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "FRUITFLOW_WORKDIR"))} | extra
@@ -60,7 +60,7 @@ def test_deploy_and_worker_run_the_pipeline(deployed, prefect_api, tmp_path):
     dep = api(prefect_api, "/deployments/name/fruitflow/fruitflow")
     assert dep["work_pool_name"] == "fruitflow" and dep["entrypoint"] == "fruitflow.flow.pipeline", dep
     form = dep["parameter_openapi_schema"]["properties"]  # what the UI draws as the run's form
-    assert form["epochs"]["default"] == 10 and form["model_kind"]["enum"] == ["small", "lab", "mobilenet"] and "source" in form, form
+    assert form["epochs"]["default"] == 10 and form["model_kind"]["enum"] == ["small", "lab", "efficientnet"] and "source" in form, form
 
     good, bad = start_run(prefect_api, *TINY), start_run(prefect_api, "-p", "epochs=0", "-p", "source=synthetic")
     fb = wait_final(prefect_api, bad, worker, 600)
