@@ -33,7 +33,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['fruitflow', 'fruitflow.*']) + ['fruitflow.nbs'],
     package_dir={'fruitflow.nbs': cfg['nbs_path']},  # the step notebooks travel as package data, read from nbs/ at build time: no copy to keep in sync
-    package_data={'fruitflow.nbs': ['0[1-5]*.ipynb']},  # config.nbs_dir() finds them in an installed package
+    package_data={'fruitflow.nbs': ['0[1-5]_*.ipynb']},  # the five step notebooks (not 03a_efficientnet's): config.nbs_dir() finds them in an installed package
     include_package_data=True,
     install_requires=requirements,
     extras_require={'dev': dev_requirements, 'postgres': postgres_requirements},
