@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, secrets, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 from .config import NOTEBOOKS, STEPS, nbs_dir
-from .servers import HOST, STATE, running
+from .servers import HOST, STATE, running, start_time
 
 # %% auto #0
 __all__ = ['DEBUG_CELL', 'LAB', 'clean_on_save', 'run_folder', 'failed_step', 'debug_copy', 'project_root', 'lab_command', 'lab',
@@ -89,11 +89,6 @@ def lab_command(root: Path,  # the folder JupyterLab serves
             *(["--ServerApp.allow_root=True"] if getattr(os, "geteuid", lambda: 1)() == 0 else [])]  # as root (a container, CI) it refuses to start otherwise
 
 # %% ../nbs/19_lab.ipynb #2c53c21e
-def _start_ticks(pid: int) -> int|None:
-    "Process `pid`'s start time in clock ticks after boot, as `servers.running` compares it; None if there is none."
-    try: return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError): return None
-
 def _secret(path: Path, token: str):
     "Write `token` to a new file `path` that only this user can read."
     path.unlink(missing_ok=True)
@@ -166,7 +161,7 @@ def lab(args) -> int:
         with open(log, "ab") as f:
             p = subprocess.Popen(lab_command(root, args.port, not args.no_browser, open_path), cwd=root, env=env,
                                  stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        pidfile.write_text(json.dumps(dict(name=LAB, pid=p.pid, start=_start_ticks(p.pid), port=args.port, url=url, log=str(log), root=str(root))))
+        pidfile.write_text(json.dumps(dict(name=LAB, pid=p.pid, start=start_time(p.pid), port=args.port, url=url, log=str(log), root=str(root))))
         up = _wait_up(p, url, args.timeout)
         secret.unlink(missing_ok=True)  # read once it answers
         if not up:

@@ -10,9 +10,9 @@ from .config import PREFECT_HOME, user_cache
 from .stores import DATABASES, DatabaseError, ensure_databases, redacted, server_env
 
 # %% auto #0
-__all__ = ['HOST', 'STATE', 'SERVERS', 'HEALTH', 'API', 'WARM', 'PARENT', 'running', 'env_from_servers', 'up', 'status', 'down',
-           'add_parsers', 'env_defaults', 'quiet_heartbeats', 'watch_parent', 'prefect_app', 'prefect_template',
-           'TemporaryPrefectServer']
+__all__ = ['HOST', 'STATE', 'SERVERS', 'HEALTH', 'API', 'WARM', 'PARENT', 'start_time', 'running', 'env_from_servers', 'up',
+           'status', 'down', 'add_parsers', 'env_defaults', 'quiet_heartbeats', 'watch_parent', 'prefect_app',
+           'prefect_template', 'TemporaryPrefectServer']
 
 # %% ../nbs/13_servers.ipynb #991fed1f
 HOST = "127.0.0.1"  # loopback only
@@ -37,7 +37,7 @@ def _command(name: str, port: int, workdir: Path, database: str = "", host: str 
             {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | db)
 
 # %% ../nbs/13_servers.ipynb #d133be1c
-def _start_time(pid: int) -> int|None:
+def start_time(pid: int) -> int|None:
     "The start time of process `pid` (clock ticks after boot), None if there is no such process."
     try: return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError): return None
@@ -51,7 +51,7 @@ def running(workdir: Path, names: tuple[str, ...] = SERVERS) -> dict[str, dict]:
         f = _pidfile(workdir, name)
         try: info = json.loads(f.read_text())
         except (OSError, ValueError): continue
-        if _start_time(info.get("pid", -1)) == info.get("start") is not None: out[name] = info
+        if start_time(info.get("pid", -1)) == info.get("start") is not None: out[name] = info
         else: f.unlink(missing_ok=True)
     return out
 
@@ -91,7 +91,7 @@ def _start(name: str, port: int|None, workdir: Path, database: str = "", host: s
     log = state/f"{name}.log"
     with open(log, "ab") as f:
         p = subprocess.Popen(cmd, cwd=workdir, env=os.environ | extra, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    info = dict(name=name, pid=p.pid, start=_start_time(p.pid), port=port, url=f"http://{_client_host(host)}:{port}" if port else None, log=str(log))
+    info = dict(name=name, pid=p.pid, start=start_time(p.pid), port=port, url=f"http://{_client_host(host)}:{port}" if port else None, log=str(log))
     _pidfile(workdir, name).write_text(json.dumps(info))
     return info
 
@@ -101,8 +101,8 @@ def _wait(infos: list[dict], timeout: float, out=sys.stdout) -> list[str]:
     tty = out.isatty()  # a spinner on a terminal; one line in a log or a pipe
     if not tty: out.write(f"waiting for {', '.join(i['name'] for i in pending)} ...\n"); out.flush()
     while pending and time.monotonic() - t0 < timeout:
-        failed += [i["name"] for i in pending if _start_time(i["pid"]) != i["start"]]  # died
-        pending = [i for i in pending if _start_time(i["pid"]) == i["start"] and not _healthy(i)]
+        failed += [i["name"] for i in pending if start_time(i["pid"]) != i["start"]]  # died
+        pending = [i for i in pending if start_time(i["pid"]) == i["start"] and not _healthy(i)]
         if pending and tty: out.write(f"\r{frames[int(time.monotonic() * 4) % 4]} waiting for {', '.join(i['name'] for i in pending)} ... {time.monotonic() - t0:3.0f} s "); out.flush()
         if pending: time.sleep(0.5)
     cr, pad = ("\r", " " * 30) if tty else ("", "")
@@ -123,7 +123,7 @@ def _stop(info: dict, grace: float = 20) -> None:
     "Stop the server of `info` and its children (its process group), SIGKILL after `grace` seconds."
     pid = info["pid"]
     try:
-        if _start_time(pid) != info["start"] or os.getpgid(pid) != pid: return  # not ours, or not a group leader: touch nothing
+        if start_time(pid) != info["start"] or os.getpgid(pid) != pid: return  # not ours, or not a group leader: touch nothing
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError: return  # it ended meanwhile
     end = time.monotonic() + grace
@@ -179,7 +179,7 @@ def _keep_kernel(wd: Path, timeout: float) -> int:
         env_defaults(wd)  # the servers' URLs and fruitflow's defaults, as `fruitflow run` sets them
         i = _start("kernel", None, wd)
     end = time.monotonic() + timeout
-    while not (o := offer(wd)) and _start_time(i["pid"]) == i["start"] and time.monotonic() < end: time.sleep(0.2)
+    while not (o := offer(wd)) and start_time(i["pid"]) == i["start"] and time.monotonic() < end: time.sleep(0.2)
     if not o:
         print(f"fruitflow up: error: the warm kernel did not start; see {i['log']} (or start with --no-warm-kernel)", file=sys.stderr)
         return 1

@@ -199,10 +199,10 @@ def test_user_variables_win(tmp_path, monkeypatch):
     "A running server's URL fills only the variables the user left unset (this process plays the server: its pid file is real)."
     import os
     from fruitflow.servers import env_defaults
-    from fruitflow.servers import _start_time
+    from fruitflow.servers import start_time
     (tmp_path/".fruitflow").mkdir()
     for n, port in (("prefect", 1), ("mlflow", 2)):
-        (tmp_path/".fruitflow"/f"{n}.json").write_text(json.dumps({"name": n, "pid": os.getpid(), "start": _start_time(os.getpid()), "url": f"http://127.0.0.1:{port}", "log": "x"}))
+        (tmp_path/".fruitflow"/f"{n}.json").write_text(json.dumps({"name": n, "pid": os.getpid(), "start": start_time(os.getpid()), "url": f"http://127.0.0.1:{port}", "log": "x"}))
     for k in [k for k in os.environ if k.startswith(("MLFLOW_", "PREFECT_"))]: monkeypatch.delenv(k)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mine.db")
     saved = dict(os.environ)
