@@ -223,12 +223,12 @@ def train(split_dir: Path,  # the split written by preprocess
           schedule: bool | None = None,  # cosine-decay the learning rate (None: for small only)
           synthetic: int = 0,  # synthetic photos of each class mixed into the training split (apples and oranges only)
           cache_dir: Path|None = None,  # where the synthetic photos are kept between runs (None: drawn each time)
-          precision: str = "auto",  # float32 | bfloat16 (computed in bfloat16) | auto: bfloat16 where `bfloat16_native()`; the saved model is float32
+          precision: str = "auto",  # float32 | bfloat16 (computed in bfloat16) | auto: bfloat16 where `bfloat16_native()`, but float32 for efficientnet; the saved model is float32
           features: str | None = None,  # efficientnet's head learns from: pooled | fruit (None: fruit for a training split of fewer than `FEW` images, else pooled)
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
     if precision not in (*PRECISIONS, "auto"): raise ValueError(f"precision {precision!r}: expected {', '.join(PRECISIONS)} or auto")
-    precision = ("bfloat16" if bfloat16_native() else "float32") if precision == "auto" else precision
+    if precision == "auto": precision = "bfloat16" if bfloat16_native() and model_kind != "efficientnet" else "float32"  # efficientnet: see above
     keras.utils.set_random_seed(seed)
     info, model_path, small = split_info(split_dir), Path(model_path), model_kind != "lab"  # small and efficientnet: the tiny-data recipe
     min_steps = (200 if small else 0) if min_steps is None else min_steps

@@ -1,9 +1,9 @@
 "The whole pipeline, run for real: Prefect server, papermill kernels, MLflow store, HTTP downloads."
-import contextlib, json, re, sqlite3, urllib.parse, urllib.request
+import base64, contextlib, json, os, re, sqlite3, urllib.parse, urllib.request
 import nbformat
 from pathlib import Path
 import pytest
-from conftest import FAST, fruitflow, mlflow_client, runs
+from conftest import BIN, FAST, LAB_IMAGES, free_port, fruitflow, mlflow_client, runs, server_process
 
 STEPS = ["01_download", "02_preprocess", "03_train", "04_evaluate", "05_register"]
 
@@ -150,3 +150,22 @@ def test_efficientnet_trains_offline_from_the_package_weights(tmp_path, prefect_
     (run,) = runs(tmp_path)
     assert run.info.status == "FINISHED" and run.data.params["model_kind"] == "efficientnet" and run.data.tags["registered_version"] == "1"
     assert run.data.metrics["n_synthetic"] == 0 and run.data.metrics["n_params"] > 3_000_000  # drawn photos not mixed in; the backbone is in the model
+    assert run.data.params["precision"] == "float32"  # "auto": its frozen backbone gains nothing from bfloat16
+
+    # MLflow's own scoring server loads the models-from-code pyfunc in this environment and answers as fruitflow's predict does
+    import mlflow, pandas as pd
+    photos = [LAB_IMAGES/"apples"/"apple-1.jpeg", LAB_IMAGES/"oranges"/"orange-1.jpeg"]
+    store, port = f"sqlite:///{tmp_path}/mlflow.db", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | {"MLFLOW_TRACKING_URI": store, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # as in an activated venv: it runs `uvicorn`
+    with server_process([BIN/"mlflow", "models", "serve", "-m", "models:/fruitflow/1", "--env-manager", "local", "-h", "127.0.0.1", "-p", port],
+                        f"http://127.0.0.1:{port}/ping", tmp_path/"mlflow-serve.log", cwd=tmp_path, env=env):
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()] for p in photos]}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r: served = json.loads(r.read())["predictions"]
+    old = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(store); mlflow.set_registry_uri(store)
+    try: here = mlflow.pyfunc.load_model("models:/fruitflow/1").predict(pd.DataFrame({"image": [p.read_bytes() for p in photos]}))
+    finally: mlflow.set_tracking_uri(old[0]); mlflow.set_registry_uri(old[1])
+    assert len(served) == 2 and set(served[0]) == {"label", "p_apple", "p_orange"}, served
+    for r, (_, row) in zip(served, here.iterrows()):
+        assert r["label"] == row["label"] and all(abs(r[c] - row[c]) < 1e-5 for c in ("p_apple", "p_orange")), (served, here)
