@@ -6,11 +6,12 @@ these tests run as root) on 127.0.0.1 and a free port, with a password that must
 output, the servers' logs, their pid files or their command lines.
 """
 from __future__ import annotations
-import json, os, pwd, re, secrets, shutil, subprocess, tempfile, time
+import contextlib, json, os, pwd, re, secrets, shutil, subprocess, tempfile, time
 from pathlib import Path
 import pytest
 from conftest import BIN, free_port, fruitflow
 from test_deploy import TINY, api, clean_env, start_run, wait_final
+from fruitflow.config import REGISTER_LIMIT
 
 SECRET = f"pw-{secrets.token_hex(6)}"  # the cluster user's password
 
@@ -58,6 +59,36 @@ def cmdlines(pid: int) -> str:
         except OSError: pass
     return "\n".join(out)
 
+HOLD = """import sys
+from prefect.concurrency.sync import concurrency
+with concurrency(sys.argv[1], occupy=1, strict=True):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+@contextlib.contextmanager
+def holding(prefect_api: str, limit: str):
+    "Hold the one slot of Prefect's global concurrency limit `limit` from another process, as a third run's register step would; freed on exit."
+    p = subprocess.Popen([BIN/"python", "-c", HOLD, limit], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env(PREFECT_API_URL=prefect_api))
+    try:
+        assert p.stdout.readline().strip() == "held", f"could not take a slot of {limit} (exit code {p.wait()})"
+        yield
+    finally:
+        p.stdin.close()
+        p.wait(60)
+
+def evaluated(client, ids: list[str], prefect_api: str, timeout: float = 900) -> list:
+    "The MLflow runs of flow runs `ids` once each has logged its test accuracy (evaluate done); fails if a flow run ends first."
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        exp = client.get_experiment_by_name("fruitflow")
+        rs = client.search_runs([exp.experiment_id]) if exp else []
+        if len(rs) == len(ids) and all("test_accuracy" in r.data.metrics for r in rs): return rs
+        states = [api(prefect_api, f"/flow_runs/{i}")["state"]["type"] for i in ids]
+        assert not set(states) & {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, states
+        time.sleep(2)
+    pytest.fail(f"the flow runs did not both reach register in {timeout} s")
+
 def test_bad_database_url_is_one_line_without_the_password(tmp_path):
     p = fruitflow("up", "--database", f"postgresql://fruit:{SECRET}@127.0.0.1:{free_port()}", "--prefect-port", free_port(), "--mlflow-port", free_port(), workdir=tmp_path, timeout=120)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "fruitflow up: error: --database: PostgreSQL at fruit@127.0.0.1" in p.stderr, p.stderr
@@ -81,14 +112,19 @@ def test_two_workers_two_runs_on_postgresql(tmp_path, postgres):
             logs.append(open(tmp_path/f"{n}.log", "w"))
             workers.append(subprocess.Popen([BIN/"fruitflow", "worker", "--name", n, "--limit", "1"], cwd=tmp_path/n, stdout=logs[-1], stderr=subprocess.STDOUT,
                                             env=clean_env(PREFECT_API_URL=prefect, MLFLOW_TRACKING_URI=mlflow_uri, PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2")))
-        ids = [start_run(prefect, *TINY) for _ in range(2)]  # submitted together
+        from mlflow import MlflowClient
+        c = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
+        with holding(prefect, REGISTER_LIMIT):  # both runs reach register while the slot is taken: without the limit they would promote at once
+            ids = [start_run(prefect, *TINY) for _ in range(2)]  # submitted together
+            evaluated(c, ids, prefect)
+            time.sleep(3)
+            waiting = c.search_runs([c.get_experiment_by_name("fruitflow").experiment_id])
+            assert not any("registered_version" in r.data.tags for r in waiting), [r.data.tags for r in waiting]  # both wait for the slot
         done = [wait_final(prefect, i, workers[0]) for i in ids]
         assert [f["state"]["type"] for f in done] == ["COMPLETED"] * 2, ([f["state"] for f in done], (tmp_path/"w1.log").read_text()[-3000:], (tmp_path/"w2.log").read_text()[-3000:])
         a, b = done
         assert a["start_time"] < b["end_time"] and b["start_time"] < a["end_time"], (a["start_time"], a["end_time"], b["start_time"], b["end_time"])  # at once
 
-        from mlflow import MlflowClient
-        c = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
         rs = c.search_runs([c.get_experiment_by_name("fruitflow").experiment_id])
         assert sorted(r.data.tags["prefect.flow_run_id"] for r in rs) == sorted(ids) and {r.info.status for r in rs} == {"FINISHED"}, [(r.info.status, r.data.tags) for r in rs]
         assert {Path(r.data.tags["run_dir"]).parent.parent.name for r in rs} == {"w1", "w2"}  # one run on each worker
@@ -100,7 +136,7 @@ def test_two_workers_two_runs_on_postgresql(tmp_path, postgres):
         assert [v.version for v in versions] == ["1", "2"], versions
         champ = c.get_model_version_by_alias("fruitflow", "champion")
         reasons = {r.data.tags["registered_version"]: r.data.tags.get("promotion", "") for r in rs}
-        # one promotion at a time: the second registration was compared with the first (same data, same seed: it ties, so it wins)
+        # one promotion at a time, though both waited at once: the second was compared with the first (same data, same seed: it ties, so it wins)
         assert "no champion yet" in reasons["1"] and "≥ the champion's" in reasons["2"] and champ.version == "2", (reasons, champ.version)
 
         st = fruitflow("status", workdir=team)
