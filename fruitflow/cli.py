@@ -14,14 +14,14 @@ __all__ = ['run', 'parser', 'config', 'main']
 # %% ../nbs/11_cli.ipynb #8553be0c
 def _preflight(cfg: Config) -> str|None:
     "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
-    from fruitflow.tracking import unreachable
+    from fruitflow.tracking import ServerUnreachable, check_server, unreachable
     if cfg.model_kind == "efficientnet":
         from fruitflow.core import package_weights  # not fruitflow.efficientnet, which imports Keras
         try: package_weights()
         except FileNotFoundError as e: return str(e)
     uri = cfg.resolved_tracking_uri()
-    if why := unreachable(uri):
-        return f"the MLflow server at {uri} is unreachable ({why}): start it (fruitflow up) or unset MLFLOW_TRACKING_URI"
+    try: check_server(uri)
+    except ServerUnreachable as e: return str(e)
     api = os.environ.get("PREFECT_API_URL")
     if api and (why := unreachable(api)):
         return f"the Prefect server at {api} is unreachable ({why}): start it (fruitflow up) or unset PREFECT_API_URL"
@@ -51,13 +51,13 @@ def run(args) -> int:
         from prefect.settings import temporary_settings
         from fruitflow.flow import pipeline
         from fruitflow.notebooks import StepFailed
-        from fruitflow.tracking import TrackingLost, interrupt_on_signals, settle
+        from fruitflow.tracking import ServerUnreachable, TrackingLost, interrupt_on_signals, settle
         for line in settle(cfg.workdir): print(line)  # endings kept while a server was away
         interrupt_on_signals()
         if server: os.environ["PREFECT_API_URL"] = server.wait()  # a new URL if it had to start again on another port
         with temporary_settings(updates={"api.url": os.environ["PREFECT_API_URL"]}), quiet_heartbeats():
             got = pipeline(**cfg.model_dump(mode="json"))
-    except (StepFailed, ResumeError, TrackingLost, ConfigError) as e:
+    except (StepFailed, ResumeError, TrackingLost, ServerUnreachable, ConfigError) as e:
         print(f"fruitflow run: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -11,8 +11,8 @@ from .notebooks import StepFailed
 from .state import OnlyDone, Progress, ResumeError
 
 # %% auto #0
-__all__ = ['PENDING', 'unreachable', 'mlflow_client', 'experiment_id', 'TrackingLost', 'end_run', 'finish', 'settle',
-           'notebook_recorder', 'Run', 'pipeline_run', 'interrupt_on_signals']
+__all__ = ['PENDING', 'unreachable', 'ServerUnreachable', 'check_server', 'mlflow_client', 'experiment_id', 'TrackingLost',
+           'end_run', 'finish', 'settle', 'notebook_recorder', 'Run', 'pipeline_run', 'interrupt_on_signals']
 
 # %% ../nbs/17_tracking.ipynb #23aceafb
 def unreachable(uri: str, timeout: float = 5) -> str|None:
@@ -23,6 +23,13 @@ def unreachable(uri: str, timeout: float = 5) -> str|None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout): return None
     except urllib.error.HTTPError: return None  # it answers
     except Exception as e: return str(getattr(e, "reason", e))
+
+class ServerUnreachable(RuntimeError):
+    "The MLflow server of a run does not answer, so no MLflow run was opened; the message is one line naming it."
+
+def check_server(uri: str):
+    "Raise `ServerUnreachable` when the MLflow server at `uri` does not answer (a flow run on a worker has no preflight but this)."
+    if why := unreachable(uri): raise ServerUnreachable(f"the MLflow server at {uri} is unreachable ({why}): start it (fruitflow up) or unset MLFLOW_TRACKING_URI")
 
 @contextlib.contextmanager
 def _store_lock(uri: str):
@@ -161,7 +168,7 @@ def _report(run: Run) -> None:
 @contextlib.contextmanager
 def pipeline_run(cfg: Config):
     "Open (or resume) the MLflow run of a pipeline execution, and end it FINISHED, FAILED or KILLED however the block ends."
-    uri = cfg.resolved_tracking_uri()
+    check_server(uri := cfg.resolved_tracking_uri())
     run, prior = _open(cfg, client := mlflow_client(uri), uri)
     status, what, tags, undo = "FAILED", "the run failed", {}, {}
     try:

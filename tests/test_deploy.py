@@ -63,9 +63,11 @@ def test_deploy_and_worker_run_the_pipeline(deployed, prefect_api, tmp_path):
     assert form["epochs"]["default"] == 10 and form["model_kind"]["enum"] == ["small", "lab", "efficientnet"] and "source" in form, form
 
     good, bad = start_run(prefect_api, *TINY), start_run(prefect_api, "-p", "epochs=0", "-p", "source=synthetic")
-    fb = wait_final(prefect_api, bad, worker, 600)
+    lost = start_run(prefect_api, *TINY, "-p", "tracking_uri=http://127.0.0.1:9")  # no MLflow server there
+    fb, fl = wait_final(prefect_api, bad, worker, 600), wait_final(prefect_api, lost, worker, 600)
     assert fb["state"]["type"] == "FAILED", fb["state"]
     assert "--epochs: Input should be greater than or equal to 1" in fb["state"]["message"] and "Traceback" not in fb["state"]["message"], fb["state"]["message"]
+    assert fl["state"]["type"] == "FAILED" and "the MLflow server at http://127.0.0.1:9 is unreachable" in fl["state"]["message"], fl["state"]
     fg = wait_final(prefect_api, good, worker)
     assert fg["state"]["type"] == "COMPLETED", (fg["state"], (tmp_path/"worker.log").read_text()[-4000:])
 
