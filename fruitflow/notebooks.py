@@ -11,8 +11,8 @@ from jupyter_client.manager import KernelManager
 from .config import KERNEL, NOTEBOOKS, STEPS, nbs_dir
 
 # %% auto #0
-__all__ = ['check_params', 'step_notebook', 'step_modules', 'StepKernelManager', 'Kernel', 'start_ahead', 'shared_kernel',
-           'StepFailed', 'execute']
+__all__ = ['NO_OUTPUT_CACHE', 'check_params', 'step_notebook', 'step_modules', 'StepKernelManager', 'Kernel', 'start_ahead',
+           'shared_kernel', 'StepFailed', 'execute']
 
 # %% ../nbs/09_notebooks.ipynb #08637688
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -53,12 +53,15 @@ def step_modules(*steps: str) -> list[str]:
     return list(dict.fromkeys(mods))
 
 # %% ../nbs/09_notebooks.ipynb #5ec70cf7
+NO_OUTPUT_CACHE = "--InteractiveShell.cache_size=0"  # the shared kernel's option: see above
+
 class StepKernelManager(KernelManager):
     "jupyter_client's blocking `KernelManager` (any thread may stop it) that hands papermill an async client, closes the clients papermill opened on it, and sends the kernel's own output to `output`."
     def __init__(self, output: Path|None = None, **kw):
         super().__init__(kernel_name=KERNEL, client_class="jupyter_client.asynchronous.AsyncKernelClient", **kw)
         self.clients, self.output = [], output
     def start_kernel(self, **kw):  # the kernel's start-up chatter and C-level logs go to a file, not the console
+        kw["extra_arguments"] = [*kw.get("extra_arguments", []), NO_OUTPUT_CACHE]
         if self.output is None or "stdout" in kw: return super().start_kernel(**kw)
         with open(self.output, "ab") as f: return super().start_kernel(stdout=f, stderr=f, **kw)  # the kernel keeps its own copy
     def client(self, **kw):  # remembered: nbclient leaves open the client it opened on a manager it was given
