@@ -24,7 +24,10 @@ split by preprocess, 40 synthetic photos a class mixed in), over `--repeats` see
 photos' report half, with the training time; and trained on 80 % of the real photos (a tenth of them for early
 stopping), the accuracy on the other 20 %, all taken from the report half. The photos are split in halves by
 a digest of their file name: choices (the image size of `efficientnet`, its head's recipe) were made on the
-other half, `--half choose`, and the figures reported are on `--half report`.
+other half, `--half choose`, and the figures reported are on `--half report`. With `--drawn`, each model is
+trained instead on what an offline `fruitflow run` gets, the synthetic source's drawn photos (`--n-per-class`
+a class, split by preprocess; 40 more mixed in for `small` and `lab`), and tested on the same half; the 80 %
+part is skipped.
 """
 import argparse, hashlib, json, os, statistics, sys, tempfile, time
 from pathlib import Path
@@ -82,10 +85,11 @@ def _accuracy(model_path: Path, split_dir: Path, idx: list[int], classes: list[s
 def real_photos(work: Path, a) -> None:
     "Per model kind: trained on the lab's photos over seeds, tested on a half of the real photos; trained on 80 % of the real photos, tested on 20 %."
     import keras, numpy as np
-    from fruitflow.download import write_manifest
+    from fruitflow.download import download, write_manifest
     from fruitflow.preprocess import preprocess
     from fruitflow.train import train, split_info
     write_manifest(REAL_PHOTOS, work/"real.csv"); write_manifest(a.images, work/"lab.csv")
+    source = "drawn" if a.drawn else "lab"
     part = HALVES[a.half]
     for m in a.models:
         kind, options, _ = VARIANTS.get(m, (m, {}, 0))
@@ -96,15 +100,17 @@ def real_photos(work: Path, a) -> None:
         info = split_info(real); chosen = [i for i, f in enumerate(info["files"]) if half(f) == part]
         accs, secs = [], []
         for seed in range(a.repeats):
-            d = work/f"lab-{m}-{seed}"
-            preprocess(work/"lab.csv", d/"split", size, seed=seed)
+            d = work/f"{source}-{m}-{seed}"
+            if a.drawn: download("synthetic", d/"data", d/"manifest.csv", n_per_class=a.n_per_class, seed=seed)
+            preprocess(d/"manifest.csv" if a.drawn else work/"lab.csv", d/"split", size, seed=seed)
             keras.backend.clear_session(); t = time.perf_counter()
             out = train(d/"split", d/"model.keras", kind, a.epochs, a.batch_size, seed=seed, synthetic=40, cache_dir=work/"cache", **options)
             secs.append(time.perf_counter() - t)
             accs.append(_accuracy(out["model_path"], real, chosen, split_info(d/"split")["classes"]))
             print(f"{m} seed {seed}: {accs[-1]:.3f} on {len(chosen)} real photos ({a.half} half), trained in {secs[-1]:.1f} s", flush=True)
-        print(f"RESULT lab-trained {m} {size}px: mean {statistics.mean(accs):.3f} min {min(accs):.3f} max {max(accs):.3f}"
+        print(f"RESULT {source}-trained {m} {size}px: mean {statistics.mean(accs):.3f} min {min(accs):.3f} max {max(accs):.3f}"
               f" over {a.repeats} seeds; training {statistics.mean(secs):.1f} s ({min(secs):.1f}-{max(secs):.1f})", flush=True)
+        if a.drawn: continue
         rng, y = np.random.default_rng(0), np.load(real/"y.npy")
         test = sorted(rng.choice(chosen, round(0.2 * len(y)), replace=False).tolist())
         rest = rng.permutation(sorted(set(range(len(y))) - set(test))).tolist()
@@ -129,10 +135,11 @@ if __name__ == "__main__":
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--image-size", type=int, default=None, help="side of the images (default 96; --real: 160 for efficientnet, 96 otherwise)")
     ap.add_argument("--real", action="store_true", help="measure on the shared real photos (see above) instead of cross-validating on the lab's")
+    ap.add_argument("--drawn", action="store_true", help="--real: train on the synthetic source's drawn photos instead of the lab's (see above)")
     ap.add_argument("--half", choices=HALVES, default="report", help="--real: the half of the real photos to test on")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--transfer", action="store_true", help="also: train on drawn photos only, test on every lab photo")
-    ap.add_argument("--n-per-class", type=int, default=10, help="--transfer: the synthetic source's photos a class (fruitflow run's default 10)")
+    ap.add_argument("--n-per-class", type=int, default=10, help="--transfer, --drawn: the synthetic source's photos a class (fruitflow run's default 10)")
     a = ap.parse_args()
     if not a.images.is_dir(): sys.exit(f"{a.images}: no such folder (the lab's photos, one sub-folder per class)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
