@@ -87,3 +87,13 @@ def test_commands_without_a_server_say_so_in_one_line(tmp_path):
     for cmd in ("deploy", "worker"):
         p = fruitflow(cmd, workdir=tmp_path, env={"PREFECT_API_URL": "http://127.0.0.1:9/api"}, timeout=120)
         assert p.returncode == 1 and p.stderr.count("\n") == 1 and f"fruitflow {cmd}: the Prefect server at http://127.0.0.1:9/api is unreachable" in p.stderr, p.stderr
+
+def test_deploy_on_a_schedule(prefect_api, tmp_path):
+    "`--cron` gives the deployment Prefect's cron schedule, which `fruitflow status` shows (1 January: it never comes due during a test)."
+    env = {"PREFECT_API_URL": prefect_api}
+    p = fruitflow("deploy", "--name", "yearly", "--pool", "fruitflow-yearly", "--cron", "0 0 1 1 *", workdir=tmp_path, env=env, timeout=300)
+    assert p.returncode == 0 and "(schedule 0 0 1 1 *)" in p.stdout, p.stdout + p.stderr
+    dep = api(prefect_api, "/deployments/name/fruitflow/yearly")
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 0 1 1 *"] and dep["work_pool_name"] == "fruitflow-yearly", dep["schedules"]
+    st = fruitflow("status", workdir=tmp_path, env=env)
+    assert re.search(r"deployment fruitflow/yearly +pool fruitflow-yearly +0 0 1 1 \*", st.stdout), st.stdout
