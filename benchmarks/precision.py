@@ -7,7 +7,7 @@ seed 42). Then each pair trains twice, each time in a fresh Python process that 
 `train.warm_up()` as the warm kernel has, so what is timed is a run's one `train` call: bfloat16 then float32, and
 the other way round in the next pair. On a CPU without native bfloat16 it emulates it: read the line it prints.
 """
-import argparse, json, statistics, subprocess, sys, tempfile
+import argparse, json, os, statistics, subprocess, sys, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ if __name__ == "__main__":
     for i in range(a.pairs):
         for p in (("bfloat16", "float32") if i % 2 == 0 else ("float32", "bfloat16")):
             out = subprocess.run([sys.executable, "-c", ONE, str(work/"split"), str(work/p/"model.keras"), a.kind, p], capture_output=True, text=True,
-                                 env={"TF_CPP_MIN_LOG_LEVEL": "3", **__import__("os").environ})
+                                 env={"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ})
             if out.returncode: sys.exit(out.stderr[-3000:])
             r = json.loads(out.stdout.strip().splitlines()[-1])
             times[p].append(r["seconds"])
