@@ -19,14 +19,19 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
     a = ap.parse_args()
-    from fruitflow.notebooks import Kernel, _run_quietly
+    from fruitflow.notebooks import Kernel
+    def run(km, code: str):
+        "Run `code` in the kernel of `km` and wait for it, as `Kernel.take` does (jupyter_client's blocking client)."
+        kc = km.blocking_client(); kc.start_channels()
+        try: assert kc.execute(code, silent=True, reply=True, timeout=120)["content"]["status"] == "ok", code
+        finally: kc.stop_channels()
     with tempfile.TemporaryDirectory() as d:
         k = Kernel(Path(d)); km = k.take(600)
         times = {1: [], 0: []}
         for i in range(a.rounds):
             for cache in ((1, 0) if i % 2 == 0 else (0, 1)):
-                _run_quietly(km, f"get_ipython().displayhook.do_full_cache = {cache}\n" + LEFTOVERS, 120)
-                t = time.perf_counter(); _run_quietly(km, RESET, 120); times[cache].append(time.perf_counter() - t)
+                run(km, f"get_ipython().displayhook.do_full_cache = {cache}\n" + LEFTOVERS)
+                t = time.perf_counter(); run(km, RESET); times[cache].append(time.perf_counter() - t)
         k.stop(now=True)
     on, off = (statistics.median(times[c]) for c in (1, 0))
     print(f"reset, {a.rounds} rounds: with the output cache {on:.3f} s (median; {' '.join(f'{x:.2f}' for x in times[1])}),"

@@ -4,6 +4,7 @@ import nbformat
 from pathlib import Path
 import pytest
 from conftest import BIN, FAST, LAB_IMAGES, free_port, fruitflow, mlflow_client, runs, server_process
+from test_deploy import clean_env
 
 STEPS = ["01_download", "02_preprocess", "03_train", "04_evaluate", "05_register"]
 
@@ -156,7 +157,7 @@ def test_efficientnet_trains_offline_from_the_package_weights(tmp_path, prefect_
     import mlflow, pandas as pd
     photos = [LAB_IMAGES/"apples"/"apple-1.jpeg", LAB_IMAGES/"oranges"/"orange-1.jpeg"]
     store, port = f"sqlite:///{tmp_path}/mlflow.db", free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | {"MLFLOW_TRACKING_URI": store, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # as in an activated venv: it runs `uvicorn`
+    env = clean_env(MLFLOW_TRACKING_URI=store, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")  # PATH as in an activated venv: it runs `uvicorn`
     with server_process([BIN/"mlflow", "models", "serve", "-m", "models:/fruitflow/1", "--env-manager", "local", "-h", "127.0.0.1", "-p", port],
                         f"http://127.0.0.1:{port}/ping", tmp_path/"mlflow-serve.log", cwd=tmp_path, env=env):
         body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()] for p in photos]}}
