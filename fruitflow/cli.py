@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_cli.ipynb #a31c675a
 from __future__ import annotations
-import argparse, os, signal, sys
+import argparse, atexit, gc, os, signal, sys
 from pathlib import Path
 from .config import STEPS, Config, ConfigError, checked, data_options, error_log, one_line
 
@@ -119,5 +119,6 @@ def _stacks_on_signal():
 def main(argv: list[str]|None = None) -> int:
     "The `fruitflow` command."
     _stacks_on_signal()
+    atexit.register(gc.freeze)  # runs after the exit handlers registered later (Prefect's, MLflow's); then the interpreter's exit skips sweeping their objects (1.5 s: docs/benchmarks.md)
     args = parser().parse_args(argv)
     return args.func(args)
