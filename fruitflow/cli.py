@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, atexit, gc, os, signal, sys
 from pathlib import Path
-from .config import STEPS, Config, ConfigError, checked, data_options, error_log, one_line
+from .config import STEPS, Config, ConfigError, checked, data_options, error_log, model_for, one_line
 
 # %% auto #0
 __all__ = ['run', 'parser', 'config', 'main']
@@ -15,7 +15,7 @@ __all__ = ['run', 'parser', 'config', 'main']
 def _preflight(cfg: Config) -> str|None:
     "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
     from fruitflow.tracking import ServerUnreachable, check_server, unreachable
-    if cfg.model_kind == "efficientnet":
+    if model_for(cfg.model_kind, cfg.source) == "efficientnet":
         from fruitflow.core import package_weights  # not fruitflow.efficientnet, which imports Keras
         try: package_weights()
         except FileNotFoundError as e: return str(e)

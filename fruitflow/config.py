@@ -14,7 +14,7 @@ from .download import GITHUB, ARCHIVES
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL',
            'REGISTER_LIMIT', 'WORKDIR', 'Step', 'Config', 'config_error', 'ConfigError', 'checked', 'one_line',
-           'nbs_dir', 'data_dir', 'user_cache', 'cache_dir', 'data_options', 'error_log']
+           'model_for', 'nbs_dir', 'data_dir', 'user_cache', 'cache_dir', 'data_options', 'error_log']
 
 # %% ../nbs/08_config.ipynb #cd37b212
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -37,7 +37,7 @@ class Config(BaseModel):
     batch_size: int = Field(8, ge=1, le=4096)  # images per step
     image_size: int = Field(96, ge=16, le=1024)  # side of the square images (the lab: 150; 96 cross-validates the same, 1.7× faster)
     learning_rate: float = Field(1e-3, gt=0, le=1)  # Adam's step size
-    model_kind: Literal["small", "lab", "efficientnet"] = "efficientnet"  # pretrained EfficientNet-Lite0 (best on real photos: docs/benchmarks.md), a small CNN, or the lab's architecture
+    model_kind: Literal["auto", "small", "lab", "efficientnet"] = "auto"  # auto: `model_for` the data; pretrained EfficientNet-Lite0, a small CNN, or the lab's architecture
     synthetic: int = Field(40, ge=0, le=100_000)  # synthetic photos per class mixed into training (apples and oranges only)
     seed: int = Field(42, ge=0)  # seed of data, split and training
     n_per_class: int = Field(10, ge=1, le=1_000_000)  # lab images (N = 1..n) or synthetic images per class
@@ -90,6 +90,14 @@ def one_line(e: BaseException, limit: int|None = None) -> str:
     "`e` in one line: its type and the first line of its message (at most `limit` characters of it)."
     return f"{type(e).__name__}: {str(e).splitlines()[0][:limit] if str(e) else ''}"
 
+# %% ../nbs/08_config.ipynb #7d2c9e41
+def model_for(kind: str,  # a run's --model: auto, small, lab or efficientnet
+              data_source: str,  # what the download step got (github, synthetic, folder, archive), or the --source asked for
+             ) -> str:
+    "The model kind a run trains: `kind`, unless auto: the small CNN on drawn (synthetic) photos, else EfficientNet-Lite0."
+    if kind != "auto": return kind
+    return "small" if data_source == "synthetic" else "efficientnet"
+
 # %% ../nbs/08_config.ipynb #4d287229
 def nbs_dir() -> Path:
     "The folder of the step notebooks: `nbs/` inside the installed package (a wheel carries them), else beside it (a source checkout)."
@@ -115,7 +123,7 @@ def data_options(p: argparse.ArgumentParser):
     "Add the options `run` shares with other commands (`sweep`): data, model, registry, limits, work folder."
     p.add_argument("--source", default="auto", help="auto (default: the lab's images, else synthetic), github, synthetic, a folder with one sub-folder per class, or a .zip/.tar.gz path or URL")
     p.add_argument("--batch-size", type=int, default=8, help="images per training step (default 8)")
-    p.add_argument("--model", dest="model_kind", default="efficientnet", help="efficientnet (default: EfficientNet-Lite0 with ImageNet weights, offline), small (a small CNN) or lab (the lab's architecture)")
+    p.add_argument("--model", dest="model_kind", default="auto", help="auto (default: efficientnet, or small on synthetic photos), efficientnet (EfficientNet-Lite0 with ImageNet weights, offline), small (a small CNN) or lab (the lab's architecture)")
     p.add_argument("--seed", type=int, default=42, help="seed of data, split and training (default 42)")
     p.add_argument("--n-per-class", type=int, default=10, help="lab images (N = 1..n) or synthetic images per class (default 10)")
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")

@@ -10,7 +10,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from . import notebooks, tracking
-from .config import EXPERIMENT, MODEL_NAME, REGISTER_LIMIT, STEPS, NOTEBOOKS, Config, Step, cache_dir, checked, data_dir
+from .config import EXPERIMENT, MODEL_NAME, REGISTER_LIMIT, STEPS, NOTEBOOKS, Config, Step, cache_dir, checked, data_dir, model_for
 from .download import GITHUB
 
 # %% auto #0
@@ -44,7 +44,7 @@ def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder
              batch_size: int = 8,  # images per step
              image_size: int = 96,  # side of the square images
              learning_rate: float = 1e-3,  # Adam's step size
-             model_kind: Literal["small", "lab", "efficientnet"] = "efficientnet",  # pretrained EfficientNet-Lite0, a small CNN, or the lab's
+             model_kind: Literal["auto", "small", "lab", "efficientnet"] = "auto",  # auto: EfficientNet-Lite0 on photos, the small CNN on drawn ones
              synthetic: int = 40,  # synthetic photos per class mixed into training
              seed: int = 42,  # seed of data, split and training
              n_per_class: int = 10,  # lab images (N = 1..n) or synthetic images per class
@@ -69,7 +69,8 @@ def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder
                                      base_url=cfg.base_url, n_per_class=cfg.n_per_class, seed=cfg.seed), run, kernel)
         got |= step("preprocess", dict(manifest_path=str(run.dir/"manifest.csv"), out_dir=str(run.dir/"split"),
                                        image_size=cfg.image_size, seed=cfg.seed), run, kernel)
-        got |= step("train", dict(split_dir=got["split_dir"], model_path=str(run.dir/"model"/"model.keras"), model_kind=cfg.model_kind,
+        got |= step("train", dict(split_dir=got["split_dir"], model_path=str(run.dir/"model"/"model.keras"),
+                                  model_kind=model_for(cfg.model_kind, got["data_source"]),
                                   epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed,
                                   synthetic=cfg.synthetic, cache_dir=str(cache_dir(cfg.workdir))), run, kernel)
         got |= step("evaluate", dict(split_dir=got["split_dir"], model_path=got["model_path"], out_dir=str(run.dir/"evaluation"),

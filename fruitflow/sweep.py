@@ -8,7 +8,7 @@ import contextlib, contextvars, datetime, importlib, inspect, itertools, json, o
 from pathlib import Path
 from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
-from .config import NOTEBOOKS, Config, cache_dir, data_dir, data_options, error_log, one_line
+from .config import NOTEBOOKS, Config, cache_dir, data_dir, data_options, error_log, model_for, one_line
 
 # %% auto #0
 __all__ = ['THREADS', 'PARAMS', 'Space', 'SweepConfig', 'points', 'task_runner', 'best', 'SweepFailed', 'sweep', 'sweep_config',
@@ -150,7 +150,7 @@ def _sweep(cfg: SweepConfig) -> dict:
     run_dir.mkdir(parents=True)
     client.set_tag(pid, "run_dir", str(run_dir))
     client.log_dict(pid, cfg.space.model_dump(), "sweep/space.json")
-    for k, v in dict(strategy=cfg.strategy, n_trials=len(todo), workers=cfg.workers, task_runner=cfg.task_runner, model_kind=run.model_kind,
+    for k, v in dict(strategy=cfg.strategy, n_trials=len(todo), workers=cfg.workers, task_runner=cfg.task_runner,
                      batch_size=run.batch_size, seed=run.seed).items(): client.log_param(pid, k, v)
     print(f"MLflow run {pid} ({uri}), {len(todo)} trials ({cfg.strategy}), notebooks in {run_dir}", flush=True)
     status, what, tags, t0 = "FAILED", "the sweep failed", {}, time.monotonic()
@@ -160,6 +160,8 @@ def _sweep(cfg: SweepConfig) -> dict:
         got = task(execute, name="download", cache_policy=NO_CACHE)("download", params, run_dir, Path(run.workdir).resolve(), None, run.step_timeout,
                                                                     record=notebook_recorder(client, pid, uri))
         print(f"download done in {time.monotonic() - t0:.1f} s", flush=True)
+        run = run.model_copy(update=dict(model_kind=model_for(run.model_kind, got["data_source"])))  # auto: by the data downloaded
+        client.log_param(pid, "model_kind", run.model_kind)
         sizes = sorted({p["image_size"] for p in todo})
         prep = task(_preprocess, name="preprocess", task_run_name="preprocess-{size}", cache_policy=NO_CACHE)
         splits = dict(zip(sizes, (f.result()["split_dir"] for f in [prep.submit(s, run, str(run_dir), uri) for s in sizes])))

@@ -107,6 +107,7 @@ def runs(workdir: Path, experiment: str = "fruitflow"):
 def synthetic_run(tmp_path_factory, prefect_api):
     "One complete pipeline run on a small synthetic set: (workdir, completed process, MLflow run)."
     wd = tmp_path_factory.mktemp("synthetic")
-    p = fruitflow("run", "--source", "synthetic", "--n-per-class", "8", *FAST, workdir=wd, env={"PREFECT_API_URL": prefect_api})
+    assert FAST[-2:] == ["--model", "small"]
+    p = fruitflow("run", "--source", "synthetic", "--n-per-class", "8", *FAST[:-2], workdir=wd, env={"PREFECT_API_URL": prefect_api})  # --model auto: small on drawn photos
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return wd, p, runs(wd)[0]

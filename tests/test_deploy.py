@@ -60,7 +60,7 @@ def test_deploy_and_worker_run_the_pipeline(deployed, prefect_api, tmp_path):
     dep = api(prefect_api, "/deployments/name/fruitflow/fruitflow")
     assert dep["work_pool_name"] == "fruitflow" and dep["entrypoint"] == "fruitflow.flow.pipeline", dep
     form = dep["parameter_openapi_schema"]["properties"]  # what the UI draws as the run's form
-    assert form["epochs"]["default"] == 10 and form["model_kind"]["enum"] == ["small", "lab", "efficientnet"] and "source" in form, form
+    assert form["epochs"]["default"] == 10 and form["model_kind"]["enum"] == ["auto", "small", "lab", "efficientnet"] and "source" in form, form
 
     good, bad = start_run(prefect_api, *TINY), start_run(prefect_api, "-p", "epochs=0", "-p", "source=synthetic")
     lost = start_run(prefect_api, *TINY, "-p", "tracking_uri=http://127.0.0.1:9")  # no MLflow server there

@@ -59,5 +59,5 @@ def test_the_flow_is_deployable():
     assert pipeline.to_deployment(name="fruitflow").name == "fruitflow"
     props = parameter_schema(pipeline).properties  # what a deployment of it carries, and the UI draws as a form
     assert set(props) == set(Config.model_fields), set(props) ^ set(Config.model_fields)
-    assert props["epochs"]["default"] == 10 and props["model_kind"]["enum"] == ["small", "lab", "efficientnet"], props["model_kind"]
+    assert props["epochs"]["default"] == 10 and props["model_kind"]["enum"] == ["auto", "small", "lab", "efficientnet"], props["model_kind"]
     assert pipeline.with_options(name="other").name == "other"

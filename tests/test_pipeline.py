@@ -45,6 +45,7 @@ def test_synthetic_run(synthetic_run):
     check_complete_run(wd, run, epochs=1)
     assert len(runs(wd)) == 1  # exactly one MLflow run per pipeline execution
     assert run.data.tags["data_source"] == "synthetic"
+    assert run.data.params["model_kind"] == "small"  # --model auto: the small CNN on drawn photos (EfficientNet-Lite0 does not carry over from them)
     out = proc.stdout
     assert all(f"[{i}/5] {s[3:]} done in" in out for i, s in enumerate(STEPS, 1)), out
     assert f"MLflow run {run.info.run_id}: test accuracy" in out
