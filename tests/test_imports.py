@@ -61,3 +61,15 @@ def test_the_flow_is_deployable():
     assert set(props) == set(Config.model_fields), set(props) ^ set(Config.model_fields)
     assert props["epochs"]["default"] == 10 and props["model_kind"]["enum"] == ["auto", "small", "lab", "efficientnet"], props["model_kind"]
     assert pipeline.with_options(name="other").name == "other"
+
+def test_jsonschema_skips_only_the_slow_iri_checker():
+    "fruitflow marks `rfc3987_syntax` missing (fruitflow/__init__.py): Prefect's and nbformat's jsonschema still validates, without it."
+    import subprocess, sys
+    code = ("import sys, jsonschema; print('rfc3987_syntax' in sys.modules and sys.modules['rfc3987_syntax'] is not None);"
+            "jsonschema.validate({'a': 1}, {'type': 'object', 'properties': {'a': {'type': 'string'}}})")
+    def run(first: str):
+        return subprocess.run([sys.executable, "-c", first + code], capture_output=True, text=True, timeout=120)
+    upstream = run("")
+    assert upstream.stdout.startswith("True"), "jsonschema no longer imports rfc3987_syntax eagerly: fruitflow/__init__.py's line can go"
+    ours = run("import fruitflow; ")
+    assert ours.stdout.startswith("False") and "ValidationError" in ours.stderr, ours.stdout + ours.stderr  # not loaded; validation still works
