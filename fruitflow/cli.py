@@ -119,6 +119,6 @@ def _stacks_on_signal():
 def main(argv: list[str]|None = None) -> int:
     "The `fruitflow` command."
     _stacks_on_signal()
-    atexit.register(gc.freeze)  # runs after the exit handlers registered later (Prefect's, MLflow's); then the interpreter's exit skips sweeping their objects (1.5 s: docs/benchmarks.md)
+    atexit.register(gc.freeze)  # runs after the exit handlers registered later (Prefect's, MLflow's); then the interpreter's exit skips sweeping their objects (1.8 s: docs/benchmarks.md)
     args = parser().parse_args(argv)
     return args.func(args)
