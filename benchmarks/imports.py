@@ -6,7 +6,8 @@ jsonschema (through Prefect, nbformat and papermill) imports `rfc3987_syntax` wh
 Earley parsers at import. For what each process of a run imports (the `fruitflow` command; the shared
 kernel's step modules; Prefect's temporary server), a fresh Python process times the imports twice per round:
 as fruitflow runs them, and with `import rfc3987_syntax` timed first (the baseline: what jsonschema does
-without fruitflow's line; jsonschema then finds it loaded). The order alternates from round to round; prints the medians and the difference.
+without fruitflow's line; jsonschema then finds it loaded). The order alternates from round to round; prints
+the medians and the difference.
 """
 import argparse, statistics, subprocess, sys
 
