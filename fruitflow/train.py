@@ -12,7 +12,7 @@ from keras import layers
 import tensorflow as tf
 
 # %% auto #0
-__all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZE', 'VIEWS', 'FEW', 'load_split', 'split_info', 'synthetic_images',
+__all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZES', 'VIEWS', 'FEW', 'load_split', 'split_info', 'synthetic_images',
            'augment_images', 'augmented', 'build_model', 'bfloat16_native', 'train', 'warm_up', 'requirements']
 
 # %% ../nbs/03_train.ipynb #1f20c8b9
@@ -129,7 +129,7 @@ def build_model(kind: str = "small",  # small | lab | efficientnet
     finally: keras.config.set_dtype_policy(before)
 
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # precision: Keras' dtype policy
-EFFICIENTNET_SIZE = 160  # the side efficientnet sees its images at (see above)
+EFFICIENTNET_SIZES = (160, 224)  # the smallest and largest side efficientnet sees its images at (see above)
 
 def _build(kind, image_size, n_classes, width, seed, colour, features="pooled"):
     "`build_model`'s layers, each under Keras' dtype policy of the moment but the softmax (float32)."
@@ -148,9 +148,10 @@ def _build(kind, image_size, n_classes, width, seed, colour, features="pooled"):
     elif kind == "efficientnet":
         from fruitflow.efficientnet import imagenet_scores, lite0
         if features not in ("pooled", "fruit"): raise ValueError(f"features {features!r}: expected pooled or fruit")
-        base = lite0(EFFICIENTNET_SIZE)  # with its ImageNet weights
+        side = min(max(image_size, EFFICIENTNET_SIZES[0]), EFFICIENTNET_SIZES[1])
+        base = lite0(side)  # with its ImageNet weights
         base.trainable = False  # only the new head learns
-        x = inputs if image_size == EFFICIENTNET_SIZE else layers.Resizing(EFFICIENTNET_SIZE, EFFICIENTNET_SIZE)(inputs)
+        x = inputs if image_size == side else layers.Resizing(side, side)(inputs)
         x = base(x, training=False)
         x = layers.Dropout(0.0 if features == "fruit" else 0.3, seed=seed)(imagenet_scores()(x) if features == "fruit" else x)  # 10 scores: dropping any underfits
     else: raise ValueError(f"model_kind {kind!r}: expected small, lab or efficientnet")
