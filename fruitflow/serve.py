@@ -4,14 +4,15 @@
 
 # %% ../nbs/12_serve.ipynb #8cb58022
 from __future__ import annotations
-import argparse, asyncio, contextlib, email.parser, email.policy, json, logging, os, re, sys, threading
+import argparse, asyncio, contextlib, json, logging, os, re, sys, threading
 from pathlib import Path
 from .core import ImageError, MAX_PIXELS, MIN_SIDE, load_image
 from .config import TRACKING_DB
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'MAX_BODY_BYTES', 'DRAIN_BYTES', 'DRAIN_SECONDS', 'registry_uri', 'ModelError', 'load_model',
-           'label_files', 'predict_cmd', 'RequestError', 'BodyTooLarge', 'BodyLimit', 'app', 'serve_cmd', 'add_parsers']
+__all__ = ['DEFAULT_MODEL', 'MAX_BODY_BYTES', 'MAX_FILES', 'DRAIN_BYTES', 'DRAIN_SECONDS', 'registry_uri', 'ModelError',
+           'load_model', 'label_files', 'predict_cmd', 'RequestError', 'BodyTooLarge', 'BodyLimit', 'app', 'serve_cmd',
+           'add_parsers']
 
 # %% ../nbs/12_serve.ipynb #8d81a216
 DEFAULT_MODEL = "models:/fruitflow@champion"  # the model in use
@@ -113,22 +114,26 @@ class RequestError(ValueError):
     "A request the API refuses: the HTTP status and a message that does not quote the request."
     def __init__(self, status: int, msg: str): super().__init__(msg); self.status = status
 
-def _parts(content_type: str,  # the request's Content-Type (with its boundary)
-           body: bytes,  # the whole (bounded) request body
-          ) -> list[tuple[str, bytes]]:
-    "The uploaded files of a multipart/form-data body as (file name, bytes)."
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not msg.is_multipart() or msg.defects: raise RequestError(400, "malformed multipart/form-data body")
-    files = [(Path(p.get_filename() or f"image {i}").name[-200:], p.get_payload(decode=True) or b"") for i, p in enumerate(msg.iter_parts(), 1)]
+MAX_FILES = 100  # most files one multipart upload may carry: each becomes an image array in memory
+
+async def _files(request) -> list[tuple[str, bytes]]:
+    "The uploaded files of a multipart/form-data request as (file name, bytes), parsed by Starlette's `request.form()`."
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+    try:
+        async with request.form(max_files=MAX_FILES) as form:
+            uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            files = [(Path(f.filename or "").name[-200:] or f"image {i}", await f.read()) for i, f in enumerate(uploads, 1)]
+    except (HTTPException, MultiPartException) as e:  # HTTPException inside an app; Starlette's messages never quote the body
+        raise RequestError(400, f"multipart/form-data body refused: {getattr(e, 'detail', None) or e}") from e
     if not files: raise RequestError(400, "the multipart body has no file in it")
     return files
 
-def _images(content_type: str,  # the request's Content-Type
-            body: bytes,  # the whole (bounded) request body
-           ) -> list[tuple[str, bytes]]:
+async def _images(request) -> list[tuple[str, bytes]]:
     "The images in a request, as (name, bytes): the files of a multipart upload, or the raw body."
-    ct = content_type.lower()
-    if ct.startswith("multipart/form-data"): return _parts(content_type, body)
+    body, ct = await request.body(), request.headers.get("content-type", "").lower()  # read whole first: see above
+    if ct.startswith("multipart/form-data"): return await _files(request)  # Starlette parses the body read above
     if ct and not ct.startswith(("image/", "application/octet-stream")):
         raise RequestError(415, "send a multipart/form-data upload or raw image bytes (image/* or application/octet-stream)")
     if not body: raise RequestError(400, "the request has no image in it")
@@ -213,7 +218,7 @@ def app(model,  # a loaded pyfunc (anything with `predict(DataFrame)`)
 
     async def predict(request):
         "A multipart upload of image files, or one image's raw bytes: a label and per-class probabilities for each."
-        try: return {"predictions": await run_in_threadpool(answer, _images(request.headers.get("content-type", ""), await request.body()))}
+        try: return {"predictions": await run_in_threadpool(answer, await _images(request))}
         except BodyTooLarge: return _too_large(max_body_bytes)
         except ClientDisconnect: return JSONResponse({"detail": "the request body ended early"}, 400)
         except RequestError as e: return JSONResponse({"detail": str(e)}, e.status)

@@ -126,6 +126,7 @@ BAD = {  # name: (what to send, the status it must get)
     "multipart that never starts": ((SECRET, {"Content-Type": "multipart/form-data; boundary=zz"}), 400),
     "multipart without a file": ((b"--zz--\r\n", {"Content-Type": "multipart/form-data; boundary=zz"}), 400),
     "empty body": ((b"", {}), 400),
+    "more files than MAX_FILES (100)": (multipart([(f"{i}.png", png((8, 8))) for i in range(101)]), 400),
     "image too small": ((png((4, 4)), {"Content-Type": "image/png"}), 422),
     "body over the limit": ((b"\xff" * (MAX_BODY + 1), {"Content-Type": "image/jpeg"}), 413),
     "bad Host header": ((IMAGES[0].read_bytes(), {"Content-Type": "image/jpeg", "Host": "evil.example"}), 400),
