@@ -12,8 +12,9 @@ from keras import layers
 import tensorflow as tf
 
 # %% auto #0
-__all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZES', 'VIEWS', 'FEW', 'load_split', 'split_info', 'synthetic_images',
-           'augment_images', 'augmented', 'build_model', 'bfloat16_native', 'train', 'warm_up', 'requirements']
+__all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZES', 'FEW', 'HEAD_L2', 'HEAD_RATE', 'HEAD_STEPS', 'load_split',
+           'split_info', 'synthetic_images', 'augment_images', 'augmented', 'build_model', 'bfloat16_native', 'train',
+           'warm_up', 'requirements']
 
 # %% ../nbs/03_train.ipynb #1f20c8b9
 PIPELINE = tf.data.Options()
@@ -175,32 +176,33 @@ def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     "Steps per epoch: one pass over `n` images, or more (the set repeated) so that `epochs` make `min_steps`."
     return max(-(-n // batch_size), -(-min_steps // max(epochs, 1)), 1)
 
-VIEWS, FEW = 4, 100  # efficientnet on a training split of fewer than FEW images: its head learns from ImageNet's fruit scores of them and 3 augmented copies
-
-def _views(n: int, kind: str, augment: float) -> int:
-    "How many times `train` shows each of `n` training images: efficientnet's head sees augmented copies of a tiny split (a large one is its own variety)."
-    return VIEWS if kind == "efficientnet" and augment > 0 and n < FEW else 1
+FEW = 100  # efficientnet on a training split of fewer than FEW images: its head is a logistic regression of them and the val photos...
+HEAD_L2, HEAD_RATE, HEAD_STEPS = 1e-3, 1e-2, 300  # ...(see above): the L2 penalty of its weights, Adam's rate, full-batch steps in all
 
 def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a frozen backbone, its pooled features, a dropout and the softmax
-              split_dir: Path, batch_size: int, epochs: int, steps: int, augment: float, seed: int,  # as `train` was given them or chose (steps an epoch)
+              split_dir: Path, batch_size: int, epochs: int, steps: int, seed: int,  # as `train` was given them or chose (steps an epoch)
               class_weight: dict, callbacks: list, has_val: bool,  # as `train` fits with
+              tiny: bool = False,  # fit a logistic regression on the train and val splits together (see above)
              ) -> dict:
-    "Fit only the softmax of `model`, on pooled features computed once per image and view: the frozen backbone runs once, not at every step."
+    "Fit only the softmax of `model`, on pooled features computed once per image: the frozen backbone runs once, not at every step."
     drop, dense = model.layers[-2:]
     features = keras.Model(model.inputs, drop.input)
     train = load_split(split_dir, "train", batch_size)
-    n = len(split_info(split_dir)["splits"]["train"])
-    views = [train] + [augmented(train, augment, seed + v) for v in range(1, _views(n, "efficientnet", augment))]
-    x = np.concatenate([features.predict(v, verbose=0) for v in views])
-    y = np.concatenate([np.concatenate([b[1].numpy() for b in train])] * len(views))
+    if tiny: train = train.concatenate(load_split(split_dir, "val", batch_size))
+    x, y = features.predict(train, verbose=0), np.concatenate([b[1].numpy() for b in train])
     val = load_split(split_dir, "val", batch_size)
     val = (features.predict(val, verbose=0), np.concatenate([b[1].numpy() for b in val])) if has_val else None
     f = keras.Input(x.shape[1:])
-    head = keras.Model(f, dense(drop(f)))  # the very layers of `model`: training it trains them
-    head.compile(model.optimizer, keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    if tiny:  # a fresh softmax from zero, penalised, on every image at each step; its weights then go to `model`'s
+        regression = layers.Dense(dense.units, activation="softmax", kernel_initializer="zeros", kernel_regularizer=keras.regularizers.L2(HEAD_L2))
+        head, optimizer, batch_size = keras.Model(f, regression(f)), keras.optimizers.Adam(HEAD_RATE), len(y)
+    else: head, optimizer = keras.Model(f, dense(drop(f))), model.optimizer  # the very layers of `model`: training it trains them
+    head.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
-    return head.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2, batch_size=batch_size, shuffle=False,
+    hist = head.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2, batch_size=batch_size, shuffle=False,
                     validation_data=val, class_weight=class_weight, callbacks=callbacks).history
+    if tiny: dense.set_weights(regression.get_weights())
+    return hist
 
 def bfloat16_native() -> bool:
     "Whether this CPU computes bfloat16 itself (AVX-512 BF16 or AMX), so that mixed precision trains faster; without it, slower."
@@ -215,7 +217,7 @@ def train(split_dir: Path,  # the split written by preprocess
           batch_size: int = 8,  # images per step
           learning_rate: float = 1e-3,  # Adam's first step size (small: cosine-decayed to a tenth)
           width: int = 16,  # filters of the first block
-          augment: float = 1.0,  # augmentation strength
+          augment: float = 1.0,  # augmentation strength (small; efficientnet's head sees its photos as they are)
           patience: int = 5,  # epochs without improvement before stopping
           seed: int = 42,  # seed of weights, shuffling and augmentation
           min_steps: int | None = None,  # fewest gradient steps in all (None: 200 for small, 0 for lab)
@@ -225,7 +227,7 @@ def train(split_dir: Path,  # the split written by preprocess
           synthetic: int = 0,  # synthetic photos of each class mixed into the training split (apples and oranges only)
           cache_dir: Path|None = None,  # where the synthetic photos are kept between runs (None: drawn each time)
           precision: str = "auto",  # float32 | bfloat16 (computed in bfloat16) | auto: bfloat16 where `bfloat16_native()`, but float32 for efficientnet; the saved model is float32
-          features: str | None = None,  # efficientnet's head learns from: pooled | fruit (None: fruit for a training split of fewer than `FEW` images, else pooled)
+          features: str = "pooled",  # efficientnet's head learns from: pooled (its 1280 pooled features) | fruit (ImageNet's scores of its 10 fruit classes)
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
     if precision not in (*PRECISIONS, "auto"): raise ValueError(f"precision {precision!r}: expected {', '.join(PRECISIONS)} or auto")
@@ -238,18 +240,20 @@ def train(split_dir: Path,  # the split written by preprocess
     extra = synthetic_images(info["classes"], synthetic, info["image_size"], seed, cache_dir)
     if synthetic and extra is None: print(f"no synthetic photos mixed in: the generator draws apples and oranges, not {', '.join(info['classes'])}")
     n_extra = 0 if extra is None else len(extra[1])
-    n_train = len(info["splits"]["train"]) * _views(len(info["splits"]["train"]), model_kind, augment) + n_extra
-    steps = _steps(n_train, batch_size, epochs, min_steps)
+    steps = _steps(len(info["splits"]["train"]) + n_extra, batch_size, epochs, min_steps)
+    if tiny := model_kind == "efficientnet" and len(info["splits"]["train"]) < FEW:  # efficientnet's head on a tiny split: see above
+        steps = _steps(1, 1, epochs, HEAD_STEPS)  # full batches
+        print(f"efficientnet's head: a logistic regression on {len(info['splits']['train'])} training and {len(info['splits']['val'])} validation photos together, {epochs * steps} steps, no early stopping")
     lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps * epochs, alpha=0.1) if (small if schedule is None else schedule) else learning_rate
-    features = features or ("fruit" if len(info["splits"]["train"]) < FEW else "pooled")  # efficientnet's head: see above
     model = build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour, precision, features)
     model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     _build_state(model, info["image_size"])
-    y = np.concatenate([np.load(Path(split_dir)/"y.npy")[info["splits"]["train"]], [] if extra is None else extra[1]])
+    fitted = info["splits"]["train"] + (info["splits"]["val"] if tiny else [])
+    y = np.concatenate([np.load(Path(split_dir)/"y.npy")[fitted], [] if extra is None else extra[1]])
     weights = {c: len(y) / (len(info["classes"]) * max(1, (y == c).sum())) for c in range(len(info["classes"]))}
-    has_val = len(info["splits"]["val"]) > 0
+    has_val = len(info["splits"]["val"]) > 0 and not tiny  # a tiny split's head learns from its val photos: nothing is left to stop on
     stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True, start_from_epoch=min_epochs)] if has_val else []
-    if model_kind == "efficientnet": hist = _fit_head(model, split_dir, batch_size, epochs, steps, augment, seed, weights, stop, has_val)
+    if model_kind == "efficientnet": hist = _fit_head(model, split_dir, batch_size, epochs, steps, seed, weights, stop, has_val, tiny)
     else:
         # batch_size and shuffle=False are for autologging's record: the dataset batches and shuffles itself
         batches = load_split(split_dir, "train", batch_size, shuffle=True, seed=seed, extra=extra).repeat()
