@@ -195,10 +195,11 @@ def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a froze
     f = keras.Input(x.shape[1:])
     if tiny:  # a fresh softmax from zero, penalised, on every image at each step; its weights then go to `model`'s
         regression = layers.Dense(dense.units, activation="softmax", kernel_initializer="zeros", kernel_regularizer=keras.regularizers.L2(HEAD_L2))
-        head, optimizer, batch_size = keras.Model(f, regression(f)), keras.optimizers.Adam(HEAD_RATE), len(y)
-    else: head, optimizer = keras.Model(f, dense(drop(f))), model.optimizer  # the very layers of `model`: training it trains them
+        head, optimizer, batch = keras.Model(f, regression(f)), keras.optimizers.Adam(HEAD_RATE), len(y)
+    else: head, optimizer, batch = keras.Model(f, dense(drop(f))), model.optimizer, batch_size  # the very layers of `model`: training it trains them
     head.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
-    batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch)
+    # batch_size as `train` was given it, for autologging's record: another value than the run's parameter fails autologging
     hist = head.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2, batch_size=batch_size, shuffle=False,
                     validation_data=val, class_weight=class_weight, callbacks=callbacks).history
     if tiny: dense.set_weights(regression.get_weights())

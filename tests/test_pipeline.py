@@ -153,6 +153,9 @@ def test_efficientnet_trains_offline_from_the_package_weights(tmp_path, prefect_
     assert run.info.status == "FINISHED" and run.data.params["model_kind"] == "efficientnet" and run.data.tags["registered_version"] == "1"
     assert run.data.metrics["n_synthetic"] == 0 and run.data.metrics["n_params"] > 3_000_000  # drawn photos not mixed in; the backbone is in the model
     assert run.data.params["precision"] == "float32"  # "auto": its frozen backbone gains nothing from bfloat16
+    assert {"loss", "accuracy"} <= set(run.data.metrics), sorted(run.data.metrics)  # autologging recorded the head's epochs
+    executed = (Path(run.data.tags["run_dir"])/"03_train.ipynb").read_text()
+    assert "a logistic regression on" in executed and "during keras autologging" not in executed, executed[-3000:]
 
     # MLflow's own scoring server loads the models-from-code pyfunc in this environment and answers as fruitflow's predict does
     import mlflow, pandas as pd
