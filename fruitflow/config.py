@@ -13,7 +13,7 @@ from .download import GITHUB, ARCHIVES
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL',
-           'REGISTER_LIMIT', 'WORKDIR', 'Step', 'Config', 'config_error', 'ConfigError', 'checked', 'one_line',
+           'REGISTER_LIMIT', 'WORKDIR', 'Step', 'FEW', 'Config', 'config_error', 'ConfigError', 'checked', 'one_line',
            'model_for', 'nbs_dir', 'data_dir', 'user_cache', 'cache_dir', 'data_options', 'error_log']
 
 # %% ../nbs/08_config.ipynb #cd37b212
@@ -91,6 +91,8 @@ def one_line(e: BaseException, limit: int|None = None) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:limit] if str(e) else ''}"
 
 # %% ../nbs/08_config.ipynb #7d2c9e41
+FEW = 100  # efficientnet on a training split of fewer than FEW images fits its head as a logistic regression of them and the val photos (`fruitflow.train`)
+
 def model_for(kind: str,  # a run's --model: auto, small, lab or efficientnet
               data_source: str,  # what the download step got (github, synthetic, folder, archive), or the --source asked for
              ) -> str:

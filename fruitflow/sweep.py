@@ -8,11 +8,11 @@ import contextlib, contextvars, datetime, importlib, inspect, itertools, json, o
 from pathlib import Path
 from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
-from .config import NOTEBOOKS, Config, cache_dir, data_dir, data_options, error_log, model_for, one_line
+from .config import FEW, NOTEBOOKS, Config, cache_dir, data_dir, data_options, error_log, model_for, one_line
 
 # %% auto #0
-__all__ = ['THREADS', 'PARAMS', 'Space', 'SweepConfig', 'points', 'task_runner', 'best', 'SweepFailed', 'sweep', 'sweep_config',
-           'sweep_cmd', 'add_parsers']
+__all__ = ['THREADS', 'PARAMS', 'Space', 'SweepConfig', 'points', 'task_runner', 'best', 'SweepFailed', 'sweep_model', 'sweep',
+           'sweep_config', 'sweep_cmd', 'add_parsers']
 
 # %% ../nbs/15_sweep.ipynb #8c10b9aa
 class Space(BaseModel):
@@ -123,7 +123,18 @@ def best(results: list[dict]) -> dict:
     return max(ok, key=_score)
 
 class SweepFailed(RuntimeError):
-    "A sweep none of whose trials finished."
+    "A sweep none of whose trials finished, or that has nothing to tune."
+
+def sweep_model(kind: str,  # the sweep's --model: auto, small, lab or efficientnet
+                data_source: str,  # what the download step got
+                n_train: int,  # images in the training split
+               ) -> str:
+    "The model kind a sweep's trials train: as a run's (`model_for`), but `small` where auto would give efficientnet a split of fewer than `FEW` training images."
+    got = model_for(kind, data_source)
+    if got != "efficientnet" or n_train >= FEW: return got
+    if kind == "auto": return "small"
+    raise SweepFailed(f"--model efficientnet on {n_train} training images (fewer than {FEW}): its head is then a logistic regression that only --image-size "
+                      f"changes, with no val figures to rank trials by; sweep --model small (or auto), or a source of at least {FEW} training images")
 
 # %% ../nbs/15_sweep.ipynb #e8ea449e
 def _preprocess(size: int, run: Config, run_dir: str, uri: str) -> dict:
@@ -160,11 +171,14 @@ def _sweep(cfg: SweepConfig) -> dict:
         got = task(execute, name="download", cache_policy=NO_CACHE)("download", params, run_dir, Path(run.workdir).resolve(), None, run.step_timeout,
                                                                     record=notebook_recorder(client, pid, uri))
         print(f"download done in {time.monotonic() - t0:.1f} s", flush=True)
-        run = run.model_copy(update=dict(model_kind=model_for(run.model_kind, got["data_source"])))  # auto: by the data downloaded
-        client.log_param(pid, "model_kind", run.model_kind)
         sizes = sorted({p["image_size"] for p in todo})
         prep = task(_preprocess, name="preprocess", task_run_name="preprocess-{size}", cache_policy=NO_CACHE)
-        splits = dict(zip(sizes, (f.result()["split_dir"] for f in [prep.submit(s, run, str(run_dir), uri) for s in sizes])))
+        prepped = dict(zip(sizes, (f.result() for f in [prep.submit(s, run, str(run_dir), uri) for s in sizes])))
+        splits, n_train = {s: r["split_dir"] for s, r in prepped.items()}, min(r["n_train"] for r in prepped.values())
+        run = run.model_copy(update=dict(model_kind=sweep_model(run.model_kind, got["data_source"], n_train)))  # auto: by the data downloaded
+        if run.model_kind != model_for(cfg.run.model_kind, got["data_source"]):
+            print(f"model: {run.model_kind} (auto: efficientnet's head on {n_train} training images has nothing to sweep)", flush=True)
+        client.log_param(pid, "model_kind", run.model_kind)
         for s in sizes:
             client.log_artifact(pid, str(Path(splits[s])/"split.json"), f"data/{s}")
             client.log_artifact(pid, str(run_dir/f"data-{s}"/NOTEBOOKS["preprocess"]), f"notebooks/preprocess-{s}")

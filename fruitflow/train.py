@@ -10,11 +10,12 @@ import numpy as np
 import keras
 from keras import layers
 import tensorflow as tf
+from .config import FEW
 
 # %% auto #0
-__all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZES', 'FEW', 'HEAD_L2', 'HEAD_RATE', 'HEAD_STEPS', 'load_split',
-           'split_info', 'synthetic_images', 'augment_images', 'augmented', 'build_model', 'bfloat16_native', 'train',
-           'warm_up', 'requirements']
+__all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZES', 'HEAD_L2', 'HEAD_RATE', 'HEAD_STEPS', 'load_split', 'split_info',
+           'synthetic_images', 'augment_images', 'augmented', 'build_model', 'bfloat16_native', 'train', 'warm_up',
+           'requirements']
 
 # %% ../nbs/03_train.ipynb #1f20c8b9
 PIPELINE = tf.data.Options()
@@ -176,8 +177,7 @@ def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     "Steps per epoch: one pass over `n` images, or more (the set repeated) so that `epochs` make `min_steps`."
     return max(-(-n // batch_size), -(-min_steps // max(epochs, 1)), 1)
 
-FEW = 100  # efficientnet on a training split of fewer than FEW images: its head is a logistic regression of them and the val photos...
-HEAD_L2, HEAD_RATE, HEAD_STEPS = 1e-3, 1e-2, 300  # ...(see above): the L2 penalty of its weights, Adam's rate, full-batch steps in all
+HEAD_L2, HEAD_RATE, HEAD_STEPS = 1e-3, 1e-2, 300  # efficientnet's head on a split of fewer than FEW images (see above): the L2 penalty of its weights, Adam's rate, full-batch steps in all
 
 def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a frozen backbone, its pooled features, a dropout and the softmax
               split_dir: Path, batch_size: int, epochs: int, steps: int, seed: int,  # as `train` was given them or chose (steps an epoch)

@@ -64,6 +64,27 @@ def test_sweep_runs_its_trials_in_dask_worker_processes(tmp_path):
     assert mv.tags["run_id"] == parent.data.tags["best_run_id"] in {t.info.run_id for t in trials}
     assert f"registered fruitflow version {mv.version} as @champion" in p.stdout and "[trial-02] done" in p.stdout, p.stdout
 
+def test_sweep_of_efficientnet_on_a_tiny_split_is_refused_and_auto_trains_small(tmp_path, prefect_api):
+    """On fewer than FEW training images efficientnet's head is a logistic regression that ignores the swept options, and has no val figures:
+    `--model efficientnet` fails in one line, with its parent run FAILED and no trials; `--model auto` sweeps the small CNN and says so."""
+    from fruitflow.download import _synthetic
+    photos = _synthetic(tmp_path/"photos", 6, seed=0)
+    args = [photos if a == "synthetic" else a for a in TINY[:-2]]
+    env = {"PREFECT_API_URL": prefect_api}
+    (tmp_path/"a").mkdir(); (tmp_path/"b").mkdir()
+    a = sweep(*map(str, args), "--model", "efficientnet", workdir=tmp_path/"a", env=env)
+    assert a.returncode == 1 and a.stderr.count("\n") == 1 and "fewer than 100" in a.stderr and "--model small" in a.stderr, a.stderr[-3000:]
+    (parent,) = runs(tmp_path/"a")
+    assert parent.data.tags["sweep"] == "true" and parent.info.status == "FAILED" and "fewer than 100" in parent.data.tags["error"]
+    b = sweep(*map(str, args), "--model", "auto", "--learning-rate", "0.003", "--augment", "0.5", "--min-accuracy", "0", workdir=tmp_path/"b", env=env)
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    assert "model: small (auto: efficientnet's head on" in b.stdout, b.stdout
+    all_runs = runs(tmp_path/"b")
+    (parent,) = [r for r in all_runs if r.data.tags.get("sweep") == "true"]
+    (trial,) = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.data.params["model_kind"] == "small" and trial.data.params["model_kind"] == "small" and trial.info.status == "FINISHED"
+    assert "val_accuracy" in trial.data.metrics
+
 def test_sweep_refuses_an_unknown_task_runner_in_one_line(tmp_path):
     p = sweep(*TINY, "--task-runner", "prefect_nosuch.DaskTaskRunner", workdir=tmp_path)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
