@@ -12,7 +12,7 @@ import fruitflow
 from .download import GITHUB, ARCHIVES
 
 # %% auto #0
-__all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'KERNEL',
+__all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'STATE', 'KERNEL',
            'REGISTER_LIMIT', 'WORKDIR', 'Step', 'FEW', 'Config', 'config_error', 'ConfigError', 'checked', 'one_line',
            'model_for', 'nbs_dir', 'data_dir', 'user_cache', 'cache_dir', 'data_options', 'error_log']
 
@@ -24,6 +24,7 @@ MODEL_NAME = "fruitflow"  # the registered model
 TRACKING_DB = "mlflow.db"  # embedded MLflow store (in the work folder) when no server is set
 ARTIFACTS = "mlartifacts"  # its artifacts, the same folder `mlflow server` serves
 PREFECT_HOME = "prefect_home"  # Prefect's home (in the work folder), as the lab sets it
+STATE = ".fruitflow"  # in the work folder: the pid files and logs of `fruitflow up`'s servers, the warm kernel's offer
 KERNEL = "python3"  # the Jupyter kernel that runs the notebooks
 REGISTER_LIMIT = "fruitflow-register"  # Prefect's global concurrency limit (1 slot) that `fruitflow deploy` makes: one promotion at a time on a shared server
 WORKDIR = "FRUITFLOW_WORKDIR"  # the work folder of a run that names none (""): `fruitflow worker` sets it for its flow runs

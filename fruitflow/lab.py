@@ -6,8 +6,8 @@
 from __future__ import annotations
 import json, os, secrets, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
-from .config import NOTEBOOKS, STEPS, nbs_dir
-from .servers import HOST, STATE, running, start_time
+from .config import NOTEBOOKS, STATE, STEPS, nbs_dir
+from .servers import HOST, running, start_time
 
 # %% auto #0
 __all__ = ['DEBUG_CELL', 'LAB', 'clean_on_save', 'run_folder', 'failed_step', 'debug_copy', 'project_root', 'lab_command', 'lab',

@@ -6,17 +6,16 @@
 from __future__ import annotations
 import argparse, contextlib, datetime, hashlib, json, os, re, shutil, signal, socket, sqlite3, subprocess, sys, threading, time, urllib.request
 from pathlib import Path
-from .config import PREFECT_HOME, user_cache
+from .config import PREFECT_HOME, STATE, user_cache
 from .stores import DATABASES, DatabaseError, ensure_databases, redacted, server_env
 
 # %% auto #0
-__all__ = ['HOST', 'STATE', 'SERVERS', 'HEALTH', 'API', 'WARM', 'PARENT', 'start_time', 'running', 'env_from_servers', 'up',
-           'status', 'down', 'add_parsers', 'env_defaults', 'quiet_heartbeats', 'watch_parent', 'prefect_app',
-           'prefect_template', 'TemporaryPrefectServer']
+__all__ = ['HOST', 'SERVERS', 'HEALTH', 'API', 'WARM', 'PARENT', 'start_time', 'running', 'env_from_servers', 'up', 'status',
+           'down', 'add_parsers', 'env_defaults', 'quiet_heartbeats', 'watch_parent', 'prefect_app', 'prefect_template',
+           'TemporaryPrefectServer']
 
 # %% ../nbs/13_servers.ipynb #991fed1f
 HOST = "127.0.0.1"  # loopback only
-STATE = ".fruitflow"  # pid files and logs, in the work folder
 SERVERS = ("prefect", "mlflow")  # in start order
 HEALTH = {"prefect": "/api/health", "mlflow": "/health", "lab": "/api"}  # each server's health endpoint (lab: `fruitflow lab`'s JupyterLab)
 API = {"prefect": "/api", "mlflow": ""}  # what a client appends to the server's URL

@@ -10,14 +10,13 @@ from typing import Callable
 import psutil, fruitflow
 from jupyter_client.manager import KernelManager
 from jupyter_client.provisioning import KernelProvisionerBase
+from .config import STATE
 from .notebooks import Kernel, StepKernelManager
 
 # %% auto #0
-__all__ = ['STATE', 'READY', 'STARTING', 'UNSHARED', 'fingerprint', 'AdoptedProvisioner', 'WarmKernelManager', 'keep', 'offer',
-           'handover']
+__all__ = ['READY', 'STARTING', 'UNSHARED', 'fingerprint', 'AdoptedProvisioner', 'WarmKernelManager', 'keep', 'offer', 'handover']
 
 # %% ../nbs/22_warm.ipynb #c8b14e6d
-STATE = ".fruitflow"  # the work folder's pid files and logs
 READY, STARTING = "warm-kernel.json", "warm-kernel.starting"  # in STATE: the kernel on offer; the keeper starting one
 UNSHARED = ("PWD", "OLDPWD", "SHLVL", "_", "JPY_PARENT_PID", "FRUITFLOW_PARENT_PID", "PYTEST_CURRENT_TEST")  # differ between processes; mean nothing to a step
 
