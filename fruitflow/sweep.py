@@ -216,13 +216,10 @@ def sweep(cfg: SweepConfig) -> dict:
     from fruitflow.servers import TemporaryPrefectServer, quiet_heartbeats
     runner = task_runner(cfg.task_runner, cfg.workers, cfg.scheduler)  # an unknown runner fails before anything starts
     api = get_current_settings().api.url
-    server = None if api else TemporaryPrefectServer(get_current_settings().home)
-    try:
-        if server: os.environ["PREFECT_API_URL"] = api = server.wait()  # which the worker processes of a runner such as Dask's inherit
-        with temporary_settings(updates={"api.url": api}), quiet_heartbeats():
-            return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
-    finally:
-        if server: server.stop()
+    server = None if api else TemporaryPrefectServer(get_current_settings().home)  # stopped at exit, once Prefect's workers have sent it their logs and events
+    if server: os.environ["PREFECT_API_URL"] = api = server.wait()  # which the worker processes of a runner such as Dask's inherit
+    with temporary_settings(updates={"api.url": api}), quiet_heartbeats():
+        return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
 
 # %% ../nbs/15_sweep.ipynb #8820b07c
 _SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "min_test_images", "base_url", "step_timeout", "workdir")
