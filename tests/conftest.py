@@ -3,9 +3,14 @@
 Everything here is real: a `prefect server` process, `fruitflow` run as a subprocess with real papermill
 kernels, an MLflow SQLite store, and an HTTP server on 127.0.0.1. Servers bind to free ports so parallel
 CI jobs don't collide, and one pipeline run is shared by every test that only inspects it.
+
+`tests/run` runs pytest with pytest-xdist's workers (`-n`, `--dist loadgroup`): the controlling process starts the
+session's Prefect server once and the workers share it (`SHARED_PREFECT`); a run that several tests inspect is
+made once for all workers (`across_workers`); a module whose tests share a module-scoped fixture is one
+`xdist_group`, so that one worker runs it. Without `-n` everything works as in one process.
 """
 from __future__ import annotations
-import contextlib, functools, http.server, json, os, shutil, signal, socket, subprocess, sys, threading, time, urllib.request
+import contextlib, fcntl, functools, http.server, json, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
 from pathlib import Path
 import pytest
 
@@ -44,14 +49,60 @@ def server_process(cmd: list, health_url: str, log: Path, **popen):
         try: proc.wait(30)
         except subprocess.TimeoutExpired: proc.kill()
 
+SHARED_PREFECT = "FRUITFLOW_TEST_PREFECT_API"  # the API URL of the Prefect server the controlling process started for its workers
+_shared_server: list = []  # (process, home) of that server, in the controlling process
+
+def prefect_command(home: Path) -> tuple[list, dict, str]:
+    "The command line, environment and API URL of a real Prefect server on a free loopback port, its home `home`."
+    port = free_port()
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
+    return [BIN/"prefect", "server", "start", "--host", "127.0.0.1", "--port", port], env, f"http://127.0.0.1:{port}/api"
+
+def pytest_configure(config):
+    "Under pytest-xdist, the controlling process starts the session's Prefect server (workers wait for its health when a test needs it)."
+    config.addinivalue_line("markers", "quick: needs no server and no pipeline run (`bash tests/run --quick`)")
+    config.addinivalue_line("markers", "long: among the longest tests (a minute or more alone): started first, so that no worker is left with one at the end")
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None) or config.option.markexpr == "quick": return  # quick: no server
+    home = Path(tempfile.mkdtemp(prefix="fruitflow-test-prefect-"))
+    cmd, env, url = prefect_command(home)
+    with open(home/"server.log", "w") as out:
+        _shared_server.append((subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=env), home))
+    os.environ[SHARED_PREFECT] = url  # the workers inherit it
+
+def pytest_collection_modifyitems(items):
+    "The tests marked long first (pytest-xdist hands out work in this order, its groups of several tests before single ones)."
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+def pytest_unconfigure(config):
+    for proc, home in _shared_server:
+        proc.terminate()
+        try: proc.wait(30)
+        except subprocess.TimeoutExpired: proc.kill()
+        shutil.rmtree(home, ignore_errors=True)
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
-    "A real Prefect server on a free loopback port, shared by the session: its API URL."
-    home, port = tmp_path_factory.mktemp("prefect_home"), free_port()
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
-    url = f"http://127.0.0.1:{port}/api"
-    with server_process([BIN/"prefect", "server", "start", "--host", "127.0.0.1", "--port", port], f"{url}/health", home/"server.log", env=env):
+    "A real Prefect server on a free loopback port, shared by the session (and by pytest-xdist's workers): its API URL."
+    if url := os.environ.get(SHARED_PREFECT):
+        wait_http(f"{url}/health", 240)
         yield url
+        return
+    home = tmp_path_factory.mktemp("prefect_home")
+    cmd, env, url = prefect_command(home)
+    with server_process(cmd, f"{url}/health", home/"server.log", env=env):
+        yield url
+
+def across_workers(tmp_path_factory, name: str, make):
+    """`make(folder)` once for the whole session, also across pytest-xdist's workers: the first worker to ask makes it
+    in a folder they all see, under a file lock, while the others wait; its result (JSON) for every worker."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"): return make(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent  # the session's, above each worker's own
+    with open(root/f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (done := root/f"{name}.json").exists(): return json.loads(done.read_text())
+        result = make(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root)))
+        done.write_text(json.dumps(result))
+        return result
 
 @pytest.fixture(scope="session")
 def lab_site():
@@ -103,11 +154,16 @@ def runs(workdir: Path, experiment: str = "fruitflow"):
     exp = c.get_experiment_by_name(experiment)
     return c.search_runs([exp.experiment_id], order_by=["start_time DESC"]) if exp else []
 
+SYNTHETIC_RUN = ["run", "--source", "synthetic", "--n-per-class", "8", *FAST[:-2]]  # --model auto: small on drawn photos
+
 @pytest.fixture(scope="session")
 def synthetic_run(tmp_path_factory, prefect_api):
-    "One complete pipeline run on a small synthetic set: (workdir, completed process, MLflow run)."
-    wd = tmp_path_factory.mktemp("synthetic")
+    "One complete pipeline run on a small synthetic set, made once for all workers: (workdir, completed process, MLflow run)."
     assert FAST[-2:] == ["--model", "small"]
-    p = fruitflow("run", "--source", "synthetic", "--n-per-class", "8", *FAST[:-2], workdir=wd, env={"PREFECT_API_URL": prefect_api})  # --model auto: small on drawn photos
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return wd, p, runs(wd)[0]
+    def make(wd: Path) -> dict:
+        p = fruitflow(*SYNTHETIC_RUN, workdir=wd, env={"PREFECT_API_URL": prefect_api})
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return dict(workdir=str(wd), args=p.args, returncode=p.returncode, stdout=p.stdout, stderr=p.stderr)
+    made = across_workers(tmp_path_factory, "synthetic", make)
+    wd = Path(made["workdir"])
+    return wd, subprocess.CompletedProcess(made["args"], made["returncode"], made["stdout"], made["stderr"]), runs(wd)[0]

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image, ImageDraw
 from conftest import BIN, FAST, ROOT, free_port, fruitflow, mlflow_client, runs, server_process
 
+pytestmark = pytest.mark.xdist_group("three_classes")  # its module-scoped fixtures: one worker runs the module
+
 REAL = next((p for p in (ROOT.parent/"shared"/"data"/"real-photos", Path("/work/shared/data/real-photos")) if p.is_dir()), None)
 N = 14  # photos a class: 1 test and 3 validation images each
 

@@ -53,6 +53,7 @@ def deployed(tmp_path, prefect_api):
     log.close()
     print((tmp_path/"worker.log").read_text()[-5000:])
 
+@pytest.mark.long
 def test_deploy_and_worker_run_the_pipeline(deployed, prefect_api, tmp_path):
     wd, worker, (first, again) = deployed
     ids = [re.search(r"deployment fruitflow/fruitflow: ([0-9a-f-]{36})", o).group(1) for o in (first, again)]
@@ -83,6 +84,7 @@ def test_deploy_and_worker_run_the_pipeline(deployed, prefect_api, tmp_path):
     st = fruitflow("status", workdir=wd, env={"PREFECT_API_URL": prefect_api})
     assert "deployment fruitflow/fruitflow" in st.stdout and re.search(r"worker +test-worker +pool fruitflow +ONLINE", st.stdout), st.stdout
 
+@pytest.mark.quick
 def test_commands_without_a_server_say_so_in_one_line(tmp_path):
     for cmd in ("deploy", "worker"):
         p = fruitflow(cmd, workdir=tmp_path, env={"PREFECT_API_URL": "http://127.0.0.1:9/api"}, timeout=120)

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.quick  # no server, no pipeline run
+
 REAL_PHOTOS = ROOT.parent/"shared"/"data"/"real-photos"
 
 def _imagenet_classes(model, folder: Path, n: int) -> np.ndarray:

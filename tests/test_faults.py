@@ -1,9 +1,10 @@
 """Faults caused for real: a killed kernel, a cell past its time limit, SIGTERM mid-training, unreachable servers,
 an MLflow server killed mid-run, an artifact store that is full or turns read-only (real tmpfs mounts)."""
-import contextlib, json, os, signal, sqlite3, subprocess, sys, time
+import contextlib, json, os, re, signal, sqlite3, subprocess, sys, time
 from pathlib import Path
 import psutil, pytest
-from conftest import BIN, FAST, free_port, fruitflow, mlflow_client, runs, wait_for as _wait_for, with_handlers
+from conftest import BIN, FAST, SYNTHETIC_RUN, free_port, fruitflow, mlflow_client, runs, wait_for as _wait_for, with_handlers
+from fruitflow.config import STEPS
 
 SLOW_TRAIN = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--batch-size", "2", "--epochs", "400", "--model", "small"]
 
@@ -15,14 +16,16 @@ def _start(wd: Path, prefect_api: str|None, *args, handlers: dict|None = None) -
 
 def _kernels(proc: subprocess.Popen, step: str = "") -> list:
     "The process's Jupyter kernels; with `step`, the one started for that step, alone or with others (fruitflow marks the kernel it starts for the steps)."
-    try:
-        ks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
-        return [k for k in ks if step in k.environ().get("FRUITFLOW_STEP", "").split(",")] if step else ks
+    def running(p):
+        try: return "ipykernel" in " ".join(p.cmdline()) and (not step or step in p.environ().get("FRUITFLOW_STEP", "").split(","))
+        except psutil.Error: return False  # gone, or a zombie: not a running kernel
+    try: return [p for p in psutil.Process(proc.pid).children(recursive=True) if running(p)]
     except psutil.NoSuchProcess: return []
 
 def test_killed_kernel_fails_the_run(tmp_path, prefect_api):
-    proc = _start(tmp_path, prefect_api, *SLOW_TRAIN)
-    _wait_for(proc, "Epoch 2/")
+    "The kernel is killed while train runs (it has said which model it builds): the run fails there; --resume reruns from train (tiny options: the resumed run keeps them)."
+    proc = _start(tmp_path, prefect_api, "--source", "synthetic", "--n-per-class", "6", *FAST)
+    _wait_for(proc, "model: small")  # printed by the train step: its kernel is busy with it (a kernel killed before a step takes it is replaced)
     (kernel,) = _kernels(proc, "train")
     kernel.kill()
     out, err = proc.communicate(timeout=180)
@@ -83,6 +86,7 @@ def test_a_sighup_ignored_at_start_stays_ignored(tmp_path, prefect_api):
     assert proc.returncode == 130 and "KILLED" in err, err[-3000:]
     assert runs(tmp_path)[0].info.status == "KILLED"
 
+@pytest.mark.quick
 def test_unreachable_mlflow_server_is_one_line_within_10_s(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     t = time.monotonic()
@@ -91,18 +95,21 @@ def test_unreachable_mlflow_server_is_one_line_within_10_s(tmp_path):
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and uri in p.stderr, p.stderr
     assert not (tmp_path/"mlflow.db").exists() and not (tmp_path/"runs").exists()
 
+@pytest.mark.quick
 def test_unreachable_prefect_server_is_one_line(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/api"
     p = fruitflow("run", "--source", "synthetic", workdir=tmp_path, env={"PREFECT_API_URL": url}, timeout=60)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and url in p.stderr, p.stderr
     assert not (tmp_path/"runs").exists()
 
-def test_two_pipelines_at_once_in_one_workdir(tmp_path, prefect_api):
-    "Both complete on a store neither has created yet: own run folder, own MLflow run, consistent registry."
+@pytest.mark.long
+def test_two_pipelines_at_once_in_one_workdir(tmp_path, prefect_api, synthetic_run):
+    """Both complete on a store neither has created yet: own run folder, own MLflow run, consistent registry. One runs each step
+    in a kernel of its own, with `synthetic_run`'s options: sharing one kernel changes nothing the steps compute, the same model to the same figures."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | {"PREFECT_API_URL": prefect_api}
-    args = ["run", "--source", "synthetic", "--n-per-class", "6", *FAST]
-    procs = [subprocess.Popen([str(BIN/"fruitflow"), *args, "--seed", str(s), *more], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for s, more in ((1, ["--kernel-per-step"]), (2, []))]  # one with a kernel per step, the other with the kernel its steps share
+    own = [*SYNTHETIC_RUN, "--kernel-per-step"]  # as the shared run, with a kernel per step
+    procs = [subprocess.Popen([str(BIN/"fruitflow"), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in (own, ["run", "--source", "synthetic", "--n-per-class", "6", *FAST, "--seed", "2"])]  # the other with the kernel its steps share
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-2000:] + err[-2000:]
@@ -116,21 +123,34 @@ def test_two_pipelines_at_once_in_one_workdir(tmp_path, prefect_api):
     assert sorted(r.data.tags["registered_version"] for r in done) == ["1", "2"]
     logs = [(Path(r.data.tags["run_dir"])/"kernels.log").read_text() for r in done]
     assert sorted(l.count("ran in a kernel of its own,") for l in logs) == [0, 5] and sorted(l.count("the kernel the steps share") for l in logs) == [0, 5], logs
+    (per_step,) = [r for r in done if r.data.params["seed"] == "42"]
+    log = (Path(per_step.data.tags["run_dir"])/"kernels.log").read_text()
+    pids = {re.search(rf"step '{s}' ran in a kernel of its own, pid (\d+)", log)[1] for s in STEPS}
+    assert len(pids) == len(STEPS), log[-3000:]  # five kernels
+    shared = synthetic_run[2]
+    shared_log = (Path(shared.data.tags["run_dir"])/"kernels.log").read_text()
+    assert len(set(re.findall(r"ran in the kernel the steps share, pid (\d+)", shared_log))) == 1 and "of its own" not in shared_log, shared_log  # one there
+    for k in ("loss", "val_loss", "test_loss", "test_accuracy", "f1_apple"):
+        assert per_step.data.metrics[k] == shared.data.metrics[k], (k, per_step.data.metrics[k], shared.data.metrics[k])
 
 def _one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
-def test_mlflow_server_lost_mid_run_ends_the_run_once_it_is_back(tmp_path):
-    "The MLflow server is killed as training starts: bounded retries, one line, and `fruitflow up` marks the run FAILED later."
+@pytest.mark.long
+def test_mlflow_server_lost_mid_run_and_mid_sweep_ends_every_run_once_it_is_back(tmp_path):
+    """The MLflow server `fruitflow up` started is killed as a run's training starts: bounded retries, one line, and `fruitflow up`
+    marks the run FAILED later. Then, on the same servers, it is killed as a sweep's trials start: one line, and `up` marks the
+    sweep's run and both trials' FAILED later."""
     ports = ["--prefect-port", free_port(), "--mlflow-port", free_port(), "--no-warm-kernel"]  # a lost MLflow server is the point, not the kernel
     assert (up := fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)).returncode == 0, up.stdout + up.stderr
     uri = f"http://127.0.0.1:{ports[3]}"
+    kill_mlflow = lambda: os.killpg(json.loads((tmp_path/".fruitflow"/"mlflow.json").read_text())["pid"], signal.SIGKILL)  # the server and its workers
     try:
         proc = _start(tmp_path, None, "--source", "synthetic", "--n-per-class", "6", *FAST)
         _wait_for(proc, "[3/5] train ...")
-        os.killpg(json.loads((tmp_path/".fruitflow"/"mlflow.json").read_text())["pid"], signal.SIGKILL)  # the server and its workers
+        kill_mlflow()
         t = time.monotonic()
         out, err = proc.communicate(timeout=300)
         assert time.monotonic() - t < 150  # retries are bounded
@@ -143,28 +163,22 @@ def test_mlflow_server_lost_mid_run_ends_the_run_once_it_is_back(tmp_path):
         (run,) = runs(tmp_path)  # ... until it is back
         assert run.info.status == "FAILED" and run.data.tags["failed_step"] == "train" and "lost the MLflow server" in run.data.tags["error"]
         assert not list(tmp_path.glob("runs/*/pending.json"))
-    finally: fruitflow("down", "--workdir", tmp_path, workdir=tmp_path)
 
-def test_mlflow_server_lost_mid_sweep_ends_every_run_once_it_is_back(tmp_path):
-    "The MLflow server is killed as the sweep's trials start: one line, and `fruitflow up` marks the sweep's run and both trials' FAILED later."
-    ports = ["--prefect-port", free_port(), "--mlflow-port", free_port(), "--no-warm-kernel"]  # a lost MLflow server is the point, not the kernel
-    assert (up := fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)).returncode == 0, up.stdout + up.stderr
-    uri = f"http://127.0.0.1:{ports[3]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
         proc = subprocess.Popen([str(BIN/"fruitflow"), "sweep", "--source", "synthetic", "--n-per-class", "6", *FAST, "--width", "8", "--learning-rate", "0.003",
                                  "--augment", "0", "0.5", "--workers", "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         seen = ""
         while not ("[trial-01] start" in seen and "[trial-02] start" in seen): seen += _wait_for(proc, "] start")  # both trials' runs made
-        os.killpg(json.loads((tmp_path/".fruitflow"/"mlflow.json").read_text())["pid"], signal.SIGKILL)  # the server and its workers
+        kill_mlflow()
         out, err = proc.communicate(timeout=300)
         line = _one_line(err)
         assert proc.returncode == 1 and uri in line and "not marked FAILED yet" in line, out[-2000:] + err
         assert len(list(tmp_path.glob("runs/*/pending.json"))) == 1 and len(list(tmp_path.glob("runs/*/trial-*/pending.json"))) == 2
-        assert [r.info.status for r in runs(tmp_path)] == ["RUNNING"] * 3  # read from the server's own store while it is down
+        swept = lambda: [r for r in runs(tmp_path) if r.info.run_id != run.info.run_id]  # the sweep's run and its trials
+        assert [r.info.status for r in swept()] == ["RUNNING"] * 3  # read from the server's own store while it is down
         again = fruitflow("up", "--workdir", tmp_path, *ports, workdir=tmp_path, timeout=400)
         assert again.returncode == 0 and again.stdout.count(" marked FAILED") == 3, again.stdout + again.stderr
-        done = runs(tmp_path)
+        done = swept()
         assert [r.info.status for r in done] == ["FAILED"] * 3
         trials = [r for r in done if "mlflow.parentRunId" in r.data.tags]
         (parent,) = [r for r in done if r.data.tags.get("sweep") == "true"]
@@ -191,6 +205,7 @@ def test_full_artifact_store_fails_the_run_and_registers_nothing(tmp_path, prefe
     assert run.info.status == "FAILED" and f"step '{run.data.tags['failed_step']}' failed" in line
     assert mlflow_client(tmp_path).search_model_versions("name='fruitflow'") == []
 
+@pytest.mark.long
 def test_artifact_store_turning_read_only_at_register_undoes_the_registration(tmp_path, prefect_api):
     "The register step's version is made, then its notebook cannot be logged: the version goes, the old champion keeps its alias."
     args, env = ["--source", "synthetic", "--n-per-class", "6", "--min-accuracy", "0", "--min-test-images", "0", *FAST], {"PREFECT_API_URL": prefect_api}

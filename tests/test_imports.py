@@ -7,6 +7,8 @@ import ast
 from pathlib import Path
 import pytest
 
+pytestmark = pytest.mark.quick  # no server, no pipeline run
+
 PKG = Path(__file__).resolve().parent.parent/"fruitflow"
 MODULES = sorted(p.stem for p in PKG.glob("*.py") if p.stem not in ("__init__", "_modidx"))
 

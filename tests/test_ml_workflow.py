@@ -5,6 +5,8 @@ import nbformat
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.quick  # no server, no pipeline run
+
 NB = ROOT/"ml_workflow.ipynb"
 COMMAND = ".venv/bin/papermill ml_workflow.ipynb ml_workflow.ipynb -k python3"
 

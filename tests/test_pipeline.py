@@ -50,20 +50,7 @@ def test_synthetic_run(synthetic_run):
     assert all(f"[{i}/5] {s[3:]} done in" in out for i, s in enumerate(STEPS, 1)), out
     assert f"MLflow run {run.info.run_id}: test accuracy" in out
 
-def test_a_kernel_per_step_computes_the_same(synthetic_run, tmp_path, prefect_api):
-    "Sharing one kernel changes nothing the steps compute: the same run with a kernel per step trains the same model to the same figures."
-    wd, _, shared = synthetic_run
-    p = fruitflow("run", "--source", "synthetic", "--n-per-class", "8", *FAST, "--kernel-per-step", workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    (own,) = runs(tmp_path)
-    log = (Path(own.data.tags["run_dir"])/"kernels.log").read_text()
-    pids = {re.search(rf"step '{s[3:]}' ran in a kernel of its own, pid (\d+)", log)[1] for s in STEPS}
-    assert len(pids) == len(STEPS), log[-3000:]  # five kernels this time
-    shared_log = (Path(shared.data.tags["run_dir"])/"kernels.log").read_text()
-    assert len(set(re.findall(r"ran in the kernel the steps share, pid (\d+)", shared_log))) == 1 and "of its own" not in shared_log, shared_log  # one before
-    for k in ("loss", "val_loss", "test_loss", "test_accuracy", "f1_apple"):
-        assert own.data.metrics[k] == shared.data.metrics[k], (k, own.data.metrics[k], shared.data.metrics[k])
-
+@pytest.mark.long
 def test_cold_runs_start_prefect_from_a_kept_database(tmp_path):
     """Two runs on the embedded defaults, no server: each starts Prefect's temporary server on a fresh home. The first
     one's database, once migrated, is kept in fruitflow's cache before the flow writes to it; the second home starts from a copy."""
@@ -137,6 +124,7 @@ def test_failing_step_leaves_run_failed(tmp_path, prefect_api):
     assert kept.exists() and "DataError" in kept.read_text()
     assert "notebooks/02_preprocess.ipynb" in _artifacts(mlflow_client(wd), run.info.run_id)
 
+@pytest.mark.quick
 @pytest.mark.parametrize("args, says", [(["--epochs", "0"], "--epochs"), (["--source", "/no/such/place"], "--source"),
                                         (["--batch-size", "many"], "--batch-size"), (["--model", "huge"], "--model")])
 def test_bad_option_is_one_line_and_starts_nothing(tmp_path, args, says):
@@ -145,6 +133,7 @@ def test_bad_option_is_one_line_and_starts_nothing(tmp_path, args, says):
     assert len(p.stderr.strip().splitlines()) == 1 and says in p.stderr, p.stderr
     assert not (tmp_path/"runs").exists() and not (tmp_path/"mlflow.db").exists()
 
+@pytest.mark.long
 def test_efficientnet_trains_offline_from_the_package_weights(tmp_path, prefect_api):
     "Transfer learning, offline: EfficientNet-Lite0 with the ImageNet weights of an installed package, a full run that registers it."
     p = fruitflow("run", *FAST, "--model", "efficientnet", "--source", "synthetic", "--n-per-class", "6", workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})

@@ -1,8 +1,11 @@
 "The committed lab report: its images are real PNGs, every question is answered, its figures are the run record's."
 import json, re
 from pathlib import Path
+import pytest
 from conftest import ROOT
 from fruitflow.report import CAPTIONS, blocks, figures
+
+pytestmark = pytest.mark.quick  # no server, no pipeline run
 
 REPORT = ROOT/"lab_report.md"
 TEXT = REPORT.read_text()

@@ -89,15 +89,17 @@ def evaluated(client, ids: list[str], prefect_api: str, timeout: float = 900) ->
         time.sleep(2)
     pytest.fail(f"the flow runs did not both reach register in {timeout} s")
 
+@pytest.mark.quick
 def test_bad_database_url_is_one_line_without_the_password(tmp_path):
     p = fruitflow("up", "--database", f"postgresql://fruit:{SECRET}@127.0.0.1:{free_port()}", "--prefect-port", free_port(), "--mlflow-port", free_port(), workdir=tmp_path, timeout=120)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "fruitflow up: error: --database: PostgreSQL at fruit@127.0.0.1" in p.stderr, p.stderr
     assert SECRET not in p.stdout + p.stderr
 
+@pytest.mark.long
 def test_two_workers_two_runs_on_postgresql(tmp_path, postgres):
     team, pp, mp = tmp_path/"team", free_port(), free_port()
     team.mkdir()
-    up = fruitflow("up", "--database", postgres, "--prefect-port", pp, "--mlflow-port", mp, workdir=team, timeout=600)
+    up = fruitflow("up", "--database", postgres, "--prefect-port", pp, "--mlflow-port", mp, "--no-warm-kernel", workdir=team, timeout=600)  # the runs are the workers'
     workers, logs = [], []
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -155,6 +157,7 @@ def test_two_workers_two_runs_on_postgresql(tmp_path, postgres):
         for l in logs: l.close()
     assert "stopped prefect" in down.stdout and "stopped mlflow" in down.stdout and all(alive), (down.stdout, alive)  # `down` leaves workers alone
 
+@pytest.mark.long
 def test_sweep_on_a_separately_started_dask_cluster(tmp_path, prefect_api):
     "`--scheduler`: the trials run in the worker processes of a Dask cluster started beforehand (`dask scheduler`, two `dask worker`s)."
     from conftest import runs
@@ -192,7 +195,7 @@ def test_up_on_another_address_warns_and_keeps_the_guards(tmp_path):
     import base64, urllib.error, urllib.request
     pp, mp, auth = free_port(), free_port(), f"fruit:{secrets.token_hex(6)}"
     env = {"PREFECT_SERVER_API_AUTH_STRING": auth, "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{mp},fruit.example:{mp}"}
-    up = fruitflow("up", "--host", "0.0.0.0", "--prefect-port", pp, "--mlflow-port", mp, workdir=tmp_path, env=env, timeout=600)
+    up = fruitflow("up", "--host", "0.0.0.0", "--prefect-port", pp, "--mlflow-port", mp, "--no-warm-kernel", workdir=tmp_path, env=env, timeout=600)  # the guards are the point, not a kernel
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "warning: the servers listen on 0.0.0.0" in up.stderr and "Prefect asks for basic auth" in up.stderr and auth not in up.stdout + up.stderr, up.stderr

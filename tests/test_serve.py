@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 from conftest import BIN, LAB_IMAGES, ROOT, fruitflow, free_port, mlflow_client, server_process
 
+pytestmark = pytest.mark.xdist_group("serve")  # its module-scoped fixtures: one worker runs the module
+
 IMAGES = [LAB_IMAGES/"apples"/"apple-1.jpeg", LAB_IMAGES/"apples"/"apple-7.jpeg",
           LAB_IMAGES/"oranges"/"orange-6.jpeg", LAB_IMAGES/"oranges"/"orange-9.jpeg"]  # the smallest files
 MAX_BODY, MAX_PIXELS = 1_000_000, 20_000_000  # the server's limits here

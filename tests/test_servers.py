@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import free_port, fruitflow, runs
 
+pytestmark = pytest.mark.xdist_group("dashboards")  # its module-scoped fixtures: one worker runs the module
+
 RUN = ["run", "--source", "synthetic", "--n-per-class", "6", "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--min-test-images", "0", "--model", "small"]  # a champion however small the test split
 STEPS_IN_ORDER = ("download", "preprocess", "train", "evaluate", "register")
 STEPS = set(STEPS_IN_ORDER)
@@ -180,6 +182,7 @@ def test_heartbeats_only_when_the_user_sets_their_frequency(dashboards, first_ru
         time.sleep(1)
     assert _heartbeats(prefect, first_run[1].data.tags["prefect.flow_run_id"]) == 0  # sent earlier than the one above, had there been one
 
+@pytest.mark.quick
 def test_busy_port_is_one_line(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); s.listen()
@@ -188,6 +191,7 @@ def test_busy_port_is_one_line(tmp_path):
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and f"port {busy}" in p.stderr and "--mlflow-port" in p.stderr, p.stderr
     assert not list(tmp_path.glob(".fruitflow/*.json"))  # nothing was started
 
+@pytest.mark.quick
 def test_stale_pid_file_is_cleaned(tmp_path):
     (tmp_path/".fruitflow").mkdir()
     (tmp_path/".fruitflow"/"mlflow.json").write_text(json.dumps({"name": "mlflow", "pid": 2**22 + 1, "start": 1, "url": "http://127.0.0.1:1", "log": "x"}))
@@ -195,6 +199,7 @@ def test_stale_pid_file_is_cleaned(tmp_path):
     assert p.returncode == 1 and "mlflow   not running" in p.stdout, p.stdout
     assert not (tmp_path/".fruitflow"/"mlflow.json").exists()
 
+@pytest.mark.quick
 def test_user_variables_win(tmp_path, monkeypatch):
     "A running server's URL fills only the variables the user left unset (this process plays the server: its pid file is real)."
     import os

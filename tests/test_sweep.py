@@ -2,6 +2,7 @@
 import contextlib, re, sqlite3, subprocess
 from pathlib import Path
 import numpy as np
+import pytest
 from conftest import fruitflow, mlflow_client, runs
 
 TINY = ["--source", "synthetic", "--n-per-class", "6", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--width", "8", "--min-test-images", "0", "--model", "small"]  # a champion on 2 test images: these test the plumbing
@@ -11,15 +12,22 @@ def sweep(*args, workdir: Path, env: dict | None = None) -> subprocess.Completed
     return fruitflow("sweep", *args, workdir=workdir, env=env)
 
 def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, prefect_api):
-    p = sweep(*TINY, "--learning-rate", "0.003", "--augment", "0", "0.5", "--synthetic", "4", "--workers", "2", "--min-accuracy", "0",
+    """Drawn photos in a folder, `--model auto`: on fewer than FEW training images efficientnet's head would ignore the swept
+    options, so the sweep trains the small CNN and says so; its two trials run at once and the better is registered."""
+    from fruitflow.download import _synthetic
+    photos = _synthetic(tmp_path/"photos", 6, seed=0)
+    args = [str(photos) if a == "synthetic" else a for a in TINY[:-2]]
+    p = sweep(*args, "--model", "auto", "--learning-rate", "0.003", "--augment", "0", "0.5", "--synthetic", "4", "--workers", "2", "--min-accuracy", "0",
               workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "model: small (auto: efficientnet's head on" in p.stdout, p.stdout
     all_runs = runs(tmp_path)
     (parent,) = [r for r in all_runs if r.data.tags.get("sweep") == "true"]
     trials = sorted((r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id), key=lambda r: int(r.data.tags["trial"]))
     assert len(all_runs) == 3 and len(trials) == 2
     assert parent.info.status == "FINISHED" and all(t.info.status == "FINISHED" for t in trials)
     assert [t.data.params["augment"] for t in trials] == ["0.0", "0.5"] and all(t.data.params["epochs"] == "1" for t in trials)
+    assert parent.data.params["model_kind"] == "small" and all(t.data.params["model_kind"] == "small" for t in trials)
     assert all({"test_accuracy", "val_accuracy", "val_loss"} <= set(t.data.metrics) for t in trials)
     assert all(t.data.params["synthetic"] == "4" and t.data.metrics["n_synthetic"] == 8 for t in trials)  # the space's value, not run's default 40
     # in parallel: each trial started before the other ended
@@ -39,6 +47,7 @@ def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, pr
         found = [re.search(rf"step '{s}' ran in the kernel the steps share, pid (\d+)", text) for s in ("train", "evaluate")]
         assert all(found) and len({m[1] for m in found}) == 1, text
 
+@pytest.mark.long
 def test_sweep_runs_its_trials_in_dask_worker_processes(tmp_path):
     """`--task-runner prefect_dask.DaskTaskRunner`: a local Dask cluster of two one-thread worker processes runs the trials.
     No Prefect server is given: the sweep starts Prefect's temporary server in the work folder's `prefect_home`, and the workers report to it."""
@@ -64,32 +73,25 @@ def test_sweep_runs_its_trials_in_dask_worker_processes(tmp_path):
     assert mv.tags["run_id"] == parent.data.tags["best_run_id"] in {t.info.run_id for t in trials}
     assert f"registered fruitflow version {mv.version} as @champion" in p.stdout and "[trial-02] done" in p.stdout, p.stdout
 
-def test_sweep_of_efficientnet_on_a_tiny_split_is_refused_and_auto_trains_small(tmp_path, prefect_api):
+def test_sweep_of_efficientnet_on_a_tiny_split_is_refused(tmp_path, prefect_api):
     """On fewer than FEW training images efficientnet's head is a logistic regression that ignores the swept options, and has no val figures:
-    `--model efficientnet` fails in one line, with its parent run FAILED and no trials; `--model auto` sweeps the small CNN and says so."""
+    `--model efficientnet` fails in one line, with its parent run FAILED and no trials (`--model auto` sweeps the small CNN: the test above)."""
     from fruitflow.download import _synthetic
     photos = _synthetic(tmp_path/"photos", 6, seed=0)
-    args = [photos if a == "synthetic" else a for a in TINY[:-2]]
-    env = {"PREFECT_API_URL": prefect_api}
-    (tmp_path/"a").mkdir(); (tmp_path/"b").mkdir()
-    a = sweep(*map(str, args), "--model", "efficientnet", workdir=tmp_path/"a", env=env)
+    args = [str(photos) if a == "synthetic" else a for a in TINY[:-2]]
+    (tmp_path/"a").mkdir()
+    a = sweep(*args, "--model", "efficientnet", workdir=tmp_path/"a", env={"PREFECT_API_URL": prefect_api})
     assert a.returncode == 1 and a.stderr.count("\n") == 1 and "fewer than 100" in a.stderr and "--model small" in a.stderr, a.stderr[-3000:]
     (parent,) = runs(tmp_path/"a")
     assert parent.data.tags["sweep"] == "true" and parent.info.status == "FAILED" and "fewer than 100" in parent.data.tags["error"]
-    b = sweep(*map(str, args), "--model", "auto", "--learning-rate", "0.003", "--augment", "0.5", "--min-accuracy", "0", workdir=tmp_path/"b", env=env)
-    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
-    assert "model: small (auto: efficientnet's head on" in b.stdout, b.stdout
-    all_runs = runs(tmp_path/"b")
-    (parent,) = [r for r in all_runs if r.data.tags.get("sweep") == "true"]
-    (trial,) = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.data.params["model_kind"] == "small" and trial.data.params["model_kind"] == "small" and trial.info.status == "FINISHED"
-    assert "val_accuracy" in trial.data.metrics
 
+@pytest.mark.quick
 def test_sweep_refuses_an_unknown_task_runner_in_one_line(tmp_path):
     p = sweep(*TINY, "--task-runner", "prefect_nosuch.DaskTaskRunner", workdir=tmp_path)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert "--task-runner" in p.stderr and "pip install prefect-nosuch" in p.stderr and not list(tmp_path.iterdir())
 
+@pytest.mark.quick
 def test_crossval_gives_k_accuracies_per_seed(tmp_path):
     from mlflow import MlflowClient
     from fruitflow.download import _synthetic, write_manifest

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST, ROOT, mlflow_client, runs
 
+pytestmark = pytest.mark.xdist_group("wheel")  # its module-scoped fixtures: one worker runs the module
+
 def sources(dst: Path) -> Path:
     "A copy of the repository's committed and new, not ignored, files (what a clone or `pip install git+URL` sees)."
     try: files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
