@@ -216,7 +216,8 @@ def sweep(cfg: SweepConfig) -> dict:
     from fruitflow.servers import TemporaryPrefectServer, quiet_heartbeats
     runner = task_runner(cfg.task_runner, cfg.workers, cfg.scheduler)  # an unknown runner fails before anything starts
     api = get_current_settings().api.url
-    server = None if api else TemporaryPrefectServer(get_current_settings().home)  # stopped at exit, once Prefect's workers have sent it their logs and events
+    # a temporary server is stopped at exit (`atexit`), once Prefect's log and event workers have drained to it
+    server = None if api else TemporaryPrefectServer(get_current_settings().home)
     if server: os.environ["PREFECT_API_URL"] = api = server.wait()  # which the worker processes of a runner such as Dask's inherit
     with temporary_settings(updates={"api.url": api}), quiet_heartbeats():
         return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
