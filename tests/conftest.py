@@ -59,7 +59,7 @@ def prefect_command(home: Path) -> tuple[list, dict, str]:
     return [BIN/"prefect", "server", "start", "--host", "127.0.0.1", "--port", port], env, f"http://127.0.0.1:{port}/api"
 
 def pytest_configure(config):
-    "Under pytest-xdist, the controlling process starts the session's Prefect server (workers wait for its health when a test needs it)."
+    "Register the markers; under pytest-xdist the controlling process starts the session's Prefect server (workers wait for its health when a test needs it)."
     config.addinivalue_line("markers", "quick: needs no server and no pipeline run (`bash tests/run --quick`)")
     config.addinivalue_line("markers", "long: among the longest tests (a minute or more alone): started first, so that no worker is left with one at the end")
     if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None) or config.option.markexpr == "quick": return  # quick: no server

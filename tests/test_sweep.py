@@ -11,13 +11,16 @@ def sweep(*args, workdir: Path, env: dict | None = None) -> subprocess.Completed
     "`fruitflow sweep ...` as a user runs it."
     return fruitflow("sweep", *args, workdir=workdir, env=env)
 
+def drawn_photos(tmp_path: Path) -> list[str]:
+    "TINY with a folder of drawn photos as its source (a folder, so `--model auto` would choose efficientnet), less its --model."
+    from fruitflow.download import _synthetic
+    photos = _synthetic(tmp_path/"photos", 6, seed=0)
+    return [str(photos) if a == "synthetic" else a for a in TINY[:-2]]
+
 def test_sweep_runs_two_trials_in_parallel_and_registers_the_better(tmp_path, prefect_api):
     """Drawn photos in a folder, `--model auto`: on fewer than FEW training images efficientnet's head would ignore the swept
     options, so the sweep trains the small CNN and says so; its two trials run at once and the better is registered."""
-    from fruitflow.download import _synthetic
-    photos = _synthetic(tmp_path/"photos", 6, seed=0)
-    args = [str(photos) if a == "synthetic" else a for a in TINY[:-2]]
-    p = sweep(*args, "--model", "auto", "--learning-rate", "0.003", "--augment", "0", "0.5", "--synthetic", "4", "--workers", "2", "--min-accuracy", "0",
+    p = sweep(*drawn_photos(tmp_path), "--model", "auto", "--learning-rate", "0.003", "--augment", "0", "0.5", "--synthetic", "4", "--workers", "2", "--min-accuracy", "0",
               workdir=tmp_path, env={"PREFECT_API_URL": prefect_api})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "model: small (auto: efficientnet's head on" in p.stdout, p.stdout
@@ -76,11 +79,8 @@ def test_sweep_runs_its_trials_in_dask_worker_processes(tmp_path):
 def test_sweep_of_efficientnet_on_a_tiny_split_is_refused(tmp_path, prefect_api):
     """On fewer than FEW training images efficientnet's head is a logistic regression that ignores the swept options, and has no val figures:
     `--model efficientnet` fails in one line, with its parent run FAILED and no trials (`--model auto` sweeps the small CNN: the test above)."""
-    from fruitflow.download import _synthetic
-    photos = _synthetic(tmp_path/"photos", 6, seed=0)
-    args = [str(photos) if a == "synthetic" else a for a in TINY[:-2]]
     (tmp_path/"a").mkdir()
-    a = sweep(*args, "--model", "efficientnet", workdir=tmp_path/"a", env={"PREFECT_API_URL": prefect_api})
+    a = sweep(*drawn_photos(tmp_path), "--model", "efficientnet", workdir=tmp_path/"a", env={"PREFECT_API_URL": prefect_api})
     assert a.returncode == 1 and a.stderr.count("\n") == 1 and "fewer than 100" in a.stderr and "--model small" in a.stderr, a.stderr[-3000:]
     (parent,) = runs(tmp_path/"a")
     assert parent.data.tags["sweep"] == "true" and parent.info.status == "FAILED" and "fewer than 100" in parent.data.tags["error"]
