@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import STEPS, Config, ConfigError, checked, data_options, error_log, model_for, one_line
 
 # %% auto #0
-__all__ = ['run', 'parser', 'config', 'main']
+__all__ = ['run', 'next_steps', 'parser', 'config', 'main']
 
 # %% ../nbs/11_cli.ipynb #8553be0c
 def _preflight(cfg: Config) -> str|None:
@@ -73,11 +73,31 @@ def run(args) -> int:
         return 0
     print(f"MLflow run {got['run_id']}: test accuracy {got['test_accuracy']:.3f}; "
           f"registered {got['model_name']} version {got['version']} as @{got['alias']} ({got['reason']})")
+    print(next_steps(got, cfg.workdir))
     return 0
+
+def next_steps(got: dict,  # what a finished run's steps glued
+               workdir: Path,  # its work folder
+              ) -> str:
+    "What to try after a run: the exact `fruitflow predict` of a photo the model was tested on, and where the dashboards are."
+    import json, shlex
+    from fruitflow.servers import running
+    here, workdir = Path.cwd().resolve(), Path(workdir).resolve()
+    info = json.loads((Path(got["split_dir"])/"split.json").read_text())
+    photo = Path(info["files"][(info["splits"]["test"] or range(len(info["files"])))[0]])  # a test photo: the model never trained on it
+    if photo.is_relative_to(here): photo = photo.relative_to(here)
+    model = [] if (got["alias"], got["model_name"]) == ("champion", "fruitflow") else ["--model", f"models:/{got['model_name']}/{got['version']}"]
+    cd = "" if workdir == here else f"cd {shlex.quote(str(workdir))} && "  # predict reads the registry of the folder it runs in
+    predict = f"{cd}{shlex.join(['fruitflow', 'predict', *model, str(photo)])}"
+    up = running(workdir)
+    dashboards = (f"the dashboards: Prefect {up['prefect']['url']}, MLflow {up['mlflow']['url']}" if {"prefect", "mlflow"} <= set(up)
+                  else f"{cd}fruitflow up   # the Prefect and MLflow dashboards of this work folder")
+    return f"next: {predict}   # {got['model_name']} version {got['version']} (@{got['alias']}) labels a test photo\n      {dashboards}"
 
 # %% ../nbs/11_cli.ipynb #d1302da9
 class _Parser(argparse.ArgumentParser):
-    "An ArgumentParser whose errors are one line."
+    "An ArgumentParser whose errors are one line, and that takes no abbreviated option (`--epoch` is not `--epochs`)."
+    def __init__(self, *args, **kwargs): super().__init__(*args, **kwargs | {"allow_abbrev": False})
     def error(self, message):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 import fruitflow
-from .download import GITHUB, ARCHIVES
+from .download import GITHUB, ARCHIVES, datasets_inside
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'STATE', 'KERNEL',
@@ -60,6 +60,9 @@ class Config(BaseModel):
     def _source(cls, v: str) -> str:
         if v in ("auto", "github", "synthetic") or v.startswith(("http://", "https://")) and v.lower().split("?")[0].endswith(ARCHIVES): return v
         p = Path(v).expanduser()
+        if p.is_dir() and (inside := datasets_inside(p)):  # one level too high: say which folder to give
+            raise ValueError(f"{v!r} holds data sets, not class folders: name one of them, e.g. --source {inside[0]}"
+                             + (f" (or {', '.join(s.name for s in inside[1:4])})" if inside[1:] else ""))
         if p.is_dir() or p.is_file() and p.name.lower().endswith(ARCHIVES): return str(p.resolve())
         raise ValueError(f"{v!r} is not auto, github, synthetic, an existing folder, or a .zip/.tar.gz file or URL")
 

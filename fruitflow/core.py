@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #714ec945
 from __future__ import annotations
-import contextlib, io, os
+import contextlib, io, os, re
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -52,7 +52,8 @@ def load_image(src: str|Path|bytes,  # a path, or the file's bytes
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: more pixels than the limit of {max_pixels:,} (a decompression bomb?)", "too_large") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {str(e)[:80]})") from e
+        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names the buffer, not the file: `name` does
+        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {why[:80]})") from e
 
 # %% ../nbs/00_core.ipynb #3b7163ec
 def to_array(im: Image.Image,  # an RGB image from `load_image`

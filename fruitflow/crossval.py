@@ -10,7 +10,7 @@ import numpy as np
 from .preprocess import DataError, stratified_split
 
 # %% auto #0
-__all__ = ['folds', 'write_fold', 'crossval']
+__all__ = ['folds', 'write_fold', 'crossval', 'head_crossval']
 
 # %% ../nbs/07_crossval.ipynb #eb5aaa76
 def folds(y: np.ndarray,  # the labels of every usable image
@@ -85,7 +85,7 @@ def crossval(split_dir: Path,  # the preprocessed set: all its usable images are
     from fruitflow.evaluate import evaluate
     split_dir, out_dir = Path(split_dir), Path(out_dir)
     y = np.load(split_dir/"y.npy")
-    accs, per_seed = [], []
+    accs, per_seed, sizes = [], [], []
     for s in range(seed, seed + repeats):
         got = []
         for i, test_idx in enumerate(folds(y, k, s)):
@@ -94,10 +94,36 @@ def crossval(split_dir: Path,  # the preprocessed set: all its usable images are
             m = train(fd, fd/"model.keras", model_kind, epochs, batch_size, learning_rate, width, augment, patience, s, synthetic=synthetic, cache_dir=out_dir/".cache")
             got.append(evaluate(fd, m["model_path"], fd/"evaluation", batch_size)["test_accuracy"])
             print(f"seed {s} fold {i + 1}/{k}: accuracy {got[-1]:.3f} on {len(test_idx)} images")
-        accs += got; per_seed.append(float(np.mean(got)))
+        accs += got; per_seed.append(float(np.mean(got))); sizes += [len(f) for f in folds(y, k, s)]
     out = dict(accuracies=accs, accuracy_mean=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
-               seed_means=per_seed, seed_mean_std=float(np.std(per_seed)), k=k, seeds=list(range(seed, seed + repeats)), n_images=int(len(y)))
+               n_correct=int(round(sum(a * n for a, n in zip(accs, sizes)))), n_predictions=int(sum(sizes)), seed_means=per_seed, seed_mean_std=float(np.std(per_seed)), k=k, seeds=list(range(seed, seed + repeats)), n_images=int(len(y)))
     print(f"{model_kind}: cross-validated accuracy {out['accuracy_mean']:.3f} ± {out['accuracy_std']:.3f} over {len(accs)} folds"
           f" ({k} folds × {repeats} seed{'s' * (repeats > 1)}; spread of the seeds' means {out['seed_mean_std']:.3f})")
     if run_id: _log(run_id, tracking_uri, out, dict(k=k, repeats=repeats, model_kind=model_kind, epochs=epochs, seed=seed, synthetic=synthetic))
     return out
+
+# %% ../nbs/07_crossval.ipynb #f1bab0cb
+def head_crossval(split_dir: Path,  # the preprocessed set: all its usable images are used
+                  model_path: Path,  # an efficientnet trained by `train` on a tiny split: its backbone gives the features
+                  k: int = 5,  # folds
+                  epochs: int = 10,  # as `train` was given them (the head's steps are `HEAD_STEPS` in all)
+                  seed: int = 42,  # seed of the folds and of the fits
+                  batch_size: int = 32,  # images per batch of the feature pass
+                 ) -> dict:
+    "k-fold cross-validation of efficientnet's tiny-split recipe: each image's features once, the softmax regression fitted anew on each fold's rest."
+    import keras
+    from fruitflow.train import regression_head
+    split_dir = Path(split_dir)
+    y, model = np.load(split_dir/"y.npy"), keras.saving.load_model(model_path, compile=False)
+    features = keras.Model(model.inputs, model.layers[-2].input)  # the pooled features, below the dropout and the softmax
+    x = features.predict(np.load(split_dir/"x.npy").astype(np.float32), batch_size=batch_size, verbose=0)
+    accs, sizes, n_classes = [], [], model.outputs[0].shape[-1]
+    for i, test_idx in enumerate(folds(y, k, seed)):
+        rest = np.setdiff1d(np.arange(len(y)), test_idx)
+        weights = {c: len(rest) / (n_classes * max(1, int((y[rest] == c).sum()))) for c in range(n_classes)}  # as `train` weighs them
+        keras.backend.clear_session()
+        head, _ = regression_head(x[rest], y[rest], n_classes, epochs, seed, weights, verbose=0)
+        accs.append(float(np.mean(head.predict(x[test_idx], verbose=0).argmax(1) == y[test_idx]))); sizes.append(len(test_idx))
+        print(f"fold {i + 1}/{k}: accuracy {accs[-1]:.3f} on {len(test_idx)} images")
+    return dict(accuracies=accs, accuracy_mean=float(np.mean(accs)), accuracy_std=float(np.std(accs)), k=k, n_images=int(len(y)),
+                n_correct=int(round(sum(a * n for a, n in zip(accs, sizes)))), n_predictions=int(sum(sizes)))

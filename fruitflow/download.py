@@ -12,7 +12,7 @@ from .core import list_images
 
 # %% auto #0
 __all__ = ['GITHUB', 'ARCHIVES', 'MANIFEST_FIELDS', 'DownloadError', 'NotFound', 'fetch', 'file_sha256', 'draw', 'write_manifest',
-           'download']
+           'datasets_inside', 'download']
 
 # %% ../nbs/01_download.ipynb #2577b42b
 GITHUB = "https://github.com/HOGENT-MLOps/mlops-labs/blob/main/resources/02-ml-workflow/img-lab2/"
@@ -248,6 +248,14 @@ def write_manifest(folder: Path,  # one sub-folder per class
     return rows
 
 # %% ../nbs/01_download.ipynb #becc47c7
+def _folders(p: Path) -> list[Path]: return [s for s in sorted(Path(p).iterdir()) if s.is_dir() and not s.name.startswith((".", "__"))]
+
+def datasets_inside(folder: Path) -> list[Path]:
+    "The data sets in `folder` when it is a folder of data sets, not of classes: each of its sub-folders holds two or more folders of files."
+    subs = _folders(folder)
+    is_dataset = lambda s: sum(any(f.is_file() for f in c.iterdir()) for c in _folders(s)) >= 2
+    return subs if subs and all(map(is_dataset, subs)) else []
+
 def _kind(source: str) -> str:
     "Which kind of source `source` names."
     if source in ("auto", "github", "synthetic"): return source

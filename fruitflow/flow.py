@@ -74,9 +74,10 @@ def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder
                                   epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed,
                                   synthetic=cfg.synthetic, cache_dir=str(cache_dir(cfg.workdir))), run, kernel)
         got |= step("evaluate", dict(split_dir=got["split_dir"], model_path=got["model_path"], out_dir=str(run.dir/"evaluation"),
-                                     batch_size=cfg.batch_size), run, kernel)
+                                     batch_size=cfg.batch_size, data_source=got["data_source"], min_test_images=cfg.min_test_images), run, kernel)
         with concurrency(REGISTER_LIMIT, occupy=1):  # runs on other workers wait: `champion` moves by one promotion at a time (no limit: no wait)
             got |= step("register", dict(model_uri=got["model_uri"], model_name=cfg.model_name, test_accuracy=float(got["test_accuracy"]),
                                          data_source=got["data_source"], min_accuracy=cfg.min_accuracy,
-                                         n_test=int(got["n_test"]), min_test_images=cfg.min_test_images), run, kernel)
+                                         n_test=int(got["n_test"]), min_test_images=cfg.min_test_images,
+                                         evidence={k: v for k, v in got.items() if k.startswith("evidence")}), run, kernel)
     return got | {"run_id": run.id, "run_dir": str(run.dir)}

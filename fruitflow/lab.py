@@ -10,8 +10,8 @@ from .config import NOTEBOOKS, STATE, STEPS, nbs_dir
 from .servers import HOST, running, start_time
 
 # %% auto #0
-__all__ = ['DEBUG_CELL', 'LAB', 'clean_on_save', 'run_folder', 'failed_step', 'debug_copy', 'project_root', 'lab_command', 'lab',
-           'lab_screenshot', 'add_parsers']
+__all__ = ['DEBUG_CELL', 'LAB', 'clean_on_save', 'run_folder', 'failed_step', 'debug_copy', 'project_root', 'lab_command',
+           'lab_url', 'lab', 'lab_screenshot', 'add_parsers']
 
 # %% ../nbs/19_lab.ipynb #ad9f7448
 def clean_on_save(model: dict,  # the contents model being saved
@@ -126,13 +126,24 @@ def _stop(p: subprocess.Popen, grace: float = 20):
     for k in psutil.wait_procs(kids, timeout=5)[1]: k.kill()
 
 # %% ../nbs/19_lab.ipynb #82154d36
+def lab_url(workdir: Path) -> str|None:
+    "The URL, token included, of the JupyterLab `fruitflow lab` runs over `workdir`, found as `jupyter server list` finds it; None if none runs."
+    from jupyter_server.serverapp import list_running_servers  # its runtime file (0600) holds the token
+    if not (have := running(Path(workdir).resolve(), (LAB,)).get(LAB)): return None
+    return next((f"{s['url'].rstrip('/')}/lab?token={s['token']}" for s in list_running_servers() if s.get("pid") == have["pid"]), None)
+
 def lab(args) -> int:
     "`fruitflow lab`: JupyterLab on 127.0.0.1 until Ctrl-C or SIGTERM; with --run/--step, a debug copy of a run's step opened in it."
     from fruitflow.state import ResumeError
     from fruitflow.tracking import interrupt_on_signals
     wd, root, open_path = Path(args.workdir).resolve(), project_root(), ""
+    if args.url:
+        if url := lab_url(wd): print(f"JupyterLab: {url}"); return 0
+        print(f"fruitflow lab: error: no JupyterLab runs over {wd}: `fruitflow lab` starts one", file=sys.stderr)
+        return 1
     if have := running(wd, (LAB,)).get(LAB):
-        print(f"fruitflow lab: error: JupyterLab is already running over {wd} at {have['url']} (pid {have['pid']}); `fruitflow down` stops it", file=sys.stderr)
+        print(f"fruitflow lab: error: JupyterLab is already running over {wd} at {have['url']} (pid {have['pid']}); "
+              "`fruitflow lab --url` prints its link, `fruitflow down` stops it", file=sys.stderr)
         return 1
     if args.run or args.step:
         try:
@@ -222,4 +233,5 @@ def add_parsers(sub) -> None:
     l.add_argument("--step", default="", choices=STEPS, help="the step of --run to open (default: the one that failed)")
     l.add_argument("--workdir", default=".", help="folder of runs/ and .fruitflow/ (default: here)")
     l.add_argument("--timeout", type=float, default=120, help="seconds to wait for JupyterLab to answer (default 120)")
+    l.add_argument("--url", action="store_true", help="print the link (token included) of the JupyterLab running over --workdir, and exit")
     l.set_defaults(func=lab)

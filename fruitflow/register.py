@@ -4,33 +4,45 @@
 
 # %% ../nbs/05_register.ipynb #378fa2a9
 from __future__ import annotations
-import json
+import json, math
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 # %% auto #0
-__all__ = ['promotion', 'register']
+__all__ = ['clearly_better', 'promotion', 'register']
 
 # %% ../nbs/05_register.ipynb #6d52440d
-def promotion(acc: float,  # the new version's test accuracy
+def clearly_better(correct: int,  # right answers
+                   n: int,  # of so many
+                   baseline: float,  # the chance of a right answer by always giving the commonest one
+                   level: float = 0.05,  # the test's significance level
+                  ) -> bool:
+    "Whether `correct` of `n` is more than always giving the commonest answer gets by luck (a one-sided binomial test)."
+    return sum(math.comb(n, j) * baseline**j * (1 - baseline)**(n - j) for j in range(correct, n + 1)) < level
+
+def promotion(acc: float,  # the new version's accuracy
               source: str,  # the new version's data source
-              champion: dict|None,  # the champion's `test_accuracy` and `data_source`, None if there is none
+              champion: dict|None,  # the champion's tags (`evidence_accuracy` or `test_accuracy`, `data_source`), None if there is none
               min_accuracy: float = 0.5,  # the floor for any champion
-              n_test: int = 0,  # how many test images `acc` was measured on
-              min_test_images: int = 10,  # fewer, and `acc` means too little for any champion
+              n_test: int = 0,  # how many images `acc` was measured on
+              min_test_images: int = 10,  # fewer, and `acc` means too little for any champion (0: no check of the evidence)
+              said: str = "",  # what `acc` is, e.g. "5-fold cross-validated accuracy 0.947 on 19 images" ("": a test accuracy)
+              baseline: float = 0.0,  # the accuracy of always giving the commonest answer on those images
              ) -> tuple[bool, str]:
     "Should the new version become the champion, and why."
-    on = f"on {n_test} test image{'s' * (n_test != 1)}"
-    if n_test < min_test_images: return False, f"test accuracy {acc:.3f} {on}: a champion needs at least {min_test_images} (--min-test-images; more images per class make a larger test split)"
-    if acc < min_accuracy: return False, f"test accuracy {acc:.3f} {on} is below the minimum {min_accuracy:.3f}"
-    if champion is None: return True, f"there is no champion yet; test accuracy {acc:.3f} {on}"
-    c_acc, c_src = float(champion.get("test_accuracy", 0)), champion.get("data_source", "")
-    if source == "synthetic" and c_src != "synthetic": return False, f"trained on synthetic images; the champion was trained on real photos ({c_src})"
-    if c_src == "synthetic" and source != "synthetic": return True, f"trained on real photos ({source}); the champion was trained on synthetic images"
-    if source != c_src: return False, f"trained on {source}, the champion on {c_src}: accuracies are not comparable"
-    if acc >= c_acc: return True, f"test accuracy {acc:.3f} ≥ the champion's {c_acc:.3f} on {source}"
-    return False, f"test accuracy {acc:.3f} < the champion's {c_acc:.3f} on {source}"
+    said = said or f"test accuracy {acc:.3f} on {n_test} test image{'s' * (n_test != 1)}"
+    if n_test < min_test_images: return False, f"{said}: a champion needs at least {min_test_images} (--min-test-images; more images per class make a larger test split)"
+    if acc < min_accuracy: return False, f"{said} is below the minimum {min_accuracy:.3f}"
+    if min_test_images and not clearly_better(round(acc * n_test), n_test, baseline):
+        return False, f"{said} is not clearly better than always giving the commonest answer ({baseline:.3f})"
+    if champion is None: return True, f"there is no champion yet; {said}"
+    c_acc, c_src = float(champion.get("evidence_accuracy", champion.get("test_accuracy", 0))), champion.get("data_source", "")
+    if source == "synthetic" and c_src != "synthetic": return False, f"{said}, but trained on synthetic images; the champion was trained on real photos ({c_src})"
+    if c_src == "synthetic" and source != "synthetic": return True, f"{said}, trained on real photos ({source}); the champion was trained on synthetic images"
+    if source != c_src: return False, f"{said}, but trained on {source}, the champion on {c_src}: accuracies are not comparable"
+    if acc >= c_acc: return True, f"{said} ≥ the champion's {c_acc:.3f} on {source}"
+    return False, f"{said} < the champion's {c_acc:.3f} on {source}"
 
 # %% ../nbs/05_register.ipynb #1a886f78
 def _champion(client: MlflowClient, name: str, alias: str):
@@ -53,16 +65,23 @@ def register(model_uri: str,  # the logged model
              min_accuracy: float = 0.5,  # floor for any champion
              n_test: int = 0,  # how many test images `test_accuracy` was measured on
              min_test_images: int = 10,  # fewer, and it is never the champion
+             evidence: dict|None = None,  # `evaluate.evidence`'s figure, judged instead of the test accuracy (None: the test accuracy)
             ) -> dict:
     "Register `model_uri` as a new version of `model_name` and give it `alias` or `challenger`; no version is left without its alias."
     client = MlflowClient()
     champ = _champion(client, model_name, alias)
-    promote, reason = promotion(test_accuracy, data_source, champ.tags if champ else None, min_accuracy, n_test, min_test_images)
+    ev = evidence or dict(evidence=f"test accuracy {test_accuracy:.3f} on {n_test} test images", evidence_accuracy=test_accuracy,
+                          evidence_images=n_test, evidence_baseline=0.0)
+    promote, reason = promotion(ev["evidence_accuracy"], data_source, champ.tags if champ else None, min_accuracy, ev["evidence_images"],
+                                min_test_images, ev["evidence"] if evidence else "", ev["evidence_baseline"])
     tags = {"test_accuracy": f"{test_accuracy:.6f}", "n_test": str(n_test), "data_source": data_source, "run_id": run_id,
-            "classes": json.dumps(_classes(model_uri))}
+            "classes": json.dumps(_classes(model_uri)), "evidence": ev["evidence"], "evidence_accuracy": f"{ev['evidence_accuracy']:.6f}",
+            "evidence_images": str(ev["evidence_images"])}
     mv = mlflow.register_model(model_uri, model_name, tags=tags)
     given = alias if promote else challenger
-    try: client.set_registered_model_alias(model_name, given, mv.version)
+    try:
+        client.set_registered_model_alias(model_name, given, mv.version)
+        client.update_model_version(model_name, mv.version, f"Trained on {data_source} data. {ev['evidence'].capitalize()}. @{given}: {reason}.")
     except BaseException:
         client.delete_model_version(model_name, mv.version)
         raise

@@ -100,13 +100,15 @@ def _table(rows: list[dict]) -> str:
 # %% ../nbs/12_serve.ipynb #2cad3714
 def predict_cmd(args: argparse.Namespace) -> int:
     "`fruitflow predict`: label image files with a registered model."
-    try: model, _ = load_model(args.model)
+    try: model, info = load_model(args.model)
     except ModelError as e:
         print(f"fruitflow predict: {e}", file=sys.stderr)
         return 1
+    if info["version"]: print(f"fruitflow predict: {args.model} is {info['name']} version {info['version']}", file=sys.stderr)
     rows, errors = label_files(model, args.images)
     for e in errors: print(f"fruitflow predict: {e}", file=sys.stderr)
-    if rows: print("\n".join(json.dumps(r) for r in rows) if args.json else _table(rows), flush=True)
+    if rows and args.json: print("\n".join(json.dumps(r | {"model_version": info["version"]}) for r in rows), flush=True)
+    elif rows: print(_table(rows), flush=True)
     return 1 if errors else 0
 
 # %% ../nbs/12_serve.ipynb #6d495cd9
@@ -206,14 +208,14 @@ def app(model,  # a loaded pyfunc (anything with `predict(DataFrame)`)
     "The HTTP API around `model`: POST /predict, GET /health, GET /model, OpenAPI at /docs."
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, RedirectResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import ClientDisconnect
     api, lock = FastAPI(title="fruitflow", summary="Apples or oranges, from the MLflow Model Registry."), threading.Lock()
 
     def answer(images):
-        for i, (_, b) in enumerate(images, 1): load_image(b, name=f"image {i}", max_pixels=max_pixels, size=MIN_SIDE)  # a check, as in `label_files`
+        for name, b in images: load_image(b, name=name, max_pixels=max_pixels, size=MIN_SIDE)  # a check, as in `label_files`
         with lock: return _rows(model, *zip(*images))
 
     async def predict(request):
@@ -229,6 +231,9 @@ def app(model,  # a loaded pyfunc (anything with `predict(DataFrame)`)
     @api.exception_handler(RequestValidationError)
     async def invalid(request, e):  # FastAPI's default answer quotes the input
         return JSONResponse({"detail": [{k: v for k, v in err.items() if k in ("type", "loc", "msg")} for err in e.errors()]}, 422)
+
+    @api.get("/", include_in_schema=False)
+    def home(): return RedirectResponse("/docs")
 
     @api.get("/health", summary="Is the server up")
     def health(): return {"status": "ok"}

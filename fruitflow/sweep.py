@@ -92,7 +92,8 @@ def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, paren
         client.log_param(rid, "image_size", point["image_size"])
         got = step("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"), model_kind=run.model_kind, batch_size=run.batch_size,
                                  seed=run.seed, cache_dir=str(cache_dir(workdir)), **{k: point[k] for k in PARAMS if k != "image_size"}))
-        got |= step("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"), batch_size=run.batch_size))
+        got |= step("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"), batch_size=run.batch_size,
+                                     min_test_images=0))  # trials are ranked on their val figures: no cross-validation each
         status, what = "FINISHED", f"{name} finished"
         print(f"[{name}] done: val accuracy {got.get('val_accuracy', float('nan')):.3f}, test accuracy {got['test_accuracy']:.3f}", flush=True)
         keep = ("val_accuracy", "val_loss", "accuracy", "loss", "test_accuracy", "n_test", "model_uri", "epochs_run")

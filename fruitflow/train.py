@@ -14,8 +14,8 @@ from .config import FEW
 
 # %% auto #0
 __all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZES', 'HEAD_L2', 'HEAD_RATE', 'HEAD_STEPS', 'load_split', 'split_info',
-           'synthetic_images', 'augment_images', 'augmented', 'build_model', 'bfloat16_native', 'train', 'warm_up',
-           'requirements']
+           'synthetic_images', 'augment_images', 'augmented', 'build_model', 'regression_head', 'bfloat16_native',
+           'train', 'warm_up', 'requirements']
 
 # %% ../nbs/03_train.ipynb #1f20c8b9
 PIPELINE = tf.data.Options()
@@ -179,6 +179,25 @@ def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
 
 HEAD_L2, HEAD_RATE, HEAD_STEPS = 1e-3, 1e-2, 300  # efficientnet's head on a split of fewer than FEW images (see above): the L2 penalty of its weights, Adam's rate, full-batch steps in all
 
+def regression_head(x: np.ndarray,  # features, one row per image
+                    y: np.ndarray,  # their labels
+                    n_classes: int,  # outputs of the softmax
+                    epochs: int,  # epochs of `HEAD_STEPS // epochs` full-batch steps
+                    seed: int = 42,  # seed of the (full-batch) shuffle
+                    class_weight: dict|None = None,  # as `train` weighs the classes
+                    batch_size: int = 8,  # only recorded, for autologging (the batches are full)
+                    verbose: int = 2,  # Keras' fit verbosity
+                   ) -> tuple[keras.Model, dict]:
+    "efficientnet's head on a tiny split: a softmax regression of `x` from zero weights, L2-penalised, fitted by Adam on every row at each step; the head and its history."
+    f = keras.Input(x.shape[1:])
+    dense = layers.Dense(n_classes, activation="softmax", kernel_initializer="zeros", kernel_regularizer=keras.regularizers.L2(HEAD_L2))
+    head = keras.Model(f, dense(f))
+    head.compile(keras.optimizers.Adam(HEAD_RATE), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(len(y))
+    hist = head.fit(batches, steps_per_epoch=_steps(1, 1, epochs, HEAD_STEPS), epochs=epochs, verbose=verbose, batch_size=batch_size,
+                    shuffle=False, class_weight=class_weight).history
+    return head, hist
+
 def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a frozen backbone, its pooled features, a dropout and the softmax
               split_dir: Path, batch_size: int, epochs: int, steps: int, seed: int,  # as `train` was given them or chose (steps an epoch)
               class_weight: dict, callbacks: list, has_val: bool,  # as `train` fits with
@@ -192,17 +211,17 @@ def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a froze
     x, y = features.predict(train, verbose=0), np.concatenate([b[1].numpy() for b in train])
     val = load_split(split_dir, "val", batch_size)
     val = (features.predict(val, verbose=0), np.concatenate([b[1].numpy() for b in val])) if has_val else None
+    if tiny:  # a fresh softmax regression on every image; its weights then go to `model`'s
+        head, hist = regression_head(x, y, dense.units, epochs, seed, class_weight, batch_size)
+        dense.set_weights(head.layers[-1].get_weights())
+        return hist
     f = keras.Input(x.shape[1:])
-    if tiny:  # a fresh softmax from zero, penalised, on every image at each step; its weights then go to `model`'s
-        regression = layers.Dense(dense.units, activation="softmax", kernel_initializer="zeros", kernel_regularizer=keras.regularizers.L2(HEAD_L2))
-        head, optimizer, batch = keras.Model(f, regression(f)), keras.optimizers.Adam(HEAD_RATE), len(y)
-    else: head, optimizer, batch = keras.Model(f, dense(drop(f))), model.optimizer, batch_size  # the very layers of `model`: training it trains them
-    head.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
-    batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch)
+    head = keras.Model(f, dense(drop(f)))  # the very layers of `model`: training it trains them
+    head.compile(model.optimizer, keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
     # batch_size as `train` was given it, for autologging's record: another value than the run's parameter fails autologging
     hist = head.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2, batch_size=batch_size, shuffle=False,
                     validation_data=val, class_weight=class_weight, callbacks=callbacks).history
-    if tiny: dense.set_weights(regression.get_weights())
     return hist
 
 def bfloat16_native() -> bool:
@@ -272,7 +291,10 @@ def train(split_dir: Path,  # the split written by preprocess
     model.save(model_path)
     weights_path = model_path.with_suffix(".weights.h5")
     model.save_weights(weights_path)
-    (meta_path := model_path.with_suffix(".json")).write_text(json.dumps({k: info[k] for k in ("classes", "image_size")}))
+    recipe = dict(model_kind=model_kind, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width, augment=augment,
+                  patience=patience, seed=seed, synthetic=synthetic, cache_dir=str(cache_dir or ""), precision=precision, features=features)
+    meta = {k: info[k] for k in ("classes", "image_size")} | {"recipe": recipe}  # the recipe: what the evaluate step cross-validates
+    (meta_path := model_path.with_suffix(".json")).write_text(json.dumps(meta))
     best = (min_epochs + int(np.argmin(hist["val_loss"][min_epochs:]))) if has_val and len(hist["loss"]) > min_epochs else len(hist["loss"]) - 1
     return dict(model_path=str(model_path), weights_path=str(weights_path), meta_path=str(meta_path),
                 epochs_run=len(hist["loss"]), best_epoch=best + 1, steps_per_epoch=steps, precision=precision, n_params=int(model.count_params()), n_synthetic=n_extra,

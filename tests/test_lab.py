@@ -83,6 +83,10 @@ def test_lab_is_loopback_with_token_auth(lab):
     s = fruitflow("status", "--workdir", lab.workdir, workdir=lab.workdir, timeout=60)
     line = next(l for l in s.stdout.splitlines() if l.startswith("lab"))
     assert lab.url in line and f"pid {lab.jupyter}" in line and "healthy" in line, s.stdout
+    again = fruitflow("lab", "--url", "--workdir", lab.workdir, workdir=lab.workdir, timeout=60)  # the link, printed again on request
+    assert again.returncode == 0 and again.stdout == f"JupyterLab: {lab.link}\n", again.stdout + again.stderr
+    none = fruitflow("lab", "--url", workdir=lab.workdir.parent, timeout=60)
+    assert none.returncode == 1 and "no JupyterLab runs over" in none.stderr, none.stderr
 
 def test_saving_an_unchanged_notebook_leaves_it_as_it_was(lab, train_notebook):
     m = lab.api(f"/api/contents/{TRAIN}")

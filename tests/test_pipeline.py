@@ -126,7 +126,10 @@ def test_failing_step_leaves_run_failed(tmp_path, prefect_api):
 
 @pytest.mark.quick
 @pytest.mark.parametrize("args, says", [(["--epochs", "0"], "--epochs"), (["--source", "/no/such/place"], "--source"),
-                                        (["--batch-size", "many"], "--batch-size"), (["--model", "huge"], "--model")])
+                                        (["--batch-size", "many"], "--batch-size"), (["--model", "huge"], "--model"),
+                                        (["--source", LAB_IMAGES.parent], f"--source: '{LAB_IMAGES.parent}' holds data sets, not class folders: "
+                                                                         f"name one of them, e.g. --source {LAB_IMAGES}"),  # one level too high
+                                        (["--epoch", "3"], "unrecognized arguments: --epoch 3")])  # no abbreviation of --epochs
 def test_bad_option_is_one_line_and_starts_nothing(tmp_path, args, says):
     p = fruitflow("run", *args, workdir=tmp_path, timeout=60)
     assert p.returncode == 2 and p.stdout == ""

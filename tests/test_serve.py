@@ -105,6 +105,8 @@ def test_model_health_docs(server, registered):
     assert json.loads(body) == {"uri": uri, "name": "fruitflow", "version": int(mv.version), "run_id": mv.run_id, "alias": mv.aliases[0]}
     assert request(server, "GET", "/health") == (200, b'{"status":"ok"}')
     assert request(server, "GET", "/docs")[0] == 200
+    assert request(server, "GET", "/")[0] == 307  # the home page is the API's docs
+    with urllib.request.urlopen(f"{server}/", timeout=30) as r: assert r.url == f"{server}/docs" and b"swagger" in r.read().lower()
     assert "/predict" in json.loads(request(server, "GET", "/openapi.json")[1])["paths"]
 
 def test_predict_multipart_and_raw(server, in_process):
@@ -133,6 +135,10 @@ BAD = {  # name: (what to send, the status it must get)
     "body over the limit": ((b"\xff" * (MAX_BODY + 1), {"Content-Type": "image/jpeg"}), 413),
     "bad Host header": ((IMAGES[0].read_bytes(), {"Content-Type": "image/jpeg", "Host": "evil.example"}), 400),
 }
+
+def test_an_unreadable_upload_is_named_by_its_file_name(server):
+    status, answer = request(server, "POST", "/predict", *multipart([("a.jpeg", IMAGES[0].read_bytes()), ("notes.txt", SECRET)]))
+    assert status == 415 and json.loads(answer)["detail"] == "notes.txt: not a readable image (UnidentifiedImageError: cannot identify image file)", answer
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_request_is_refused(server, case):
@@ -184,10 +190,12 @@ def test_predict_cli(registered, in_process, tmp_path):
     p = fruitflow("predict", "--json", "--model", uri, IMAGES[0], tmp_path/"notes.txt", *IMAGES[1:], workdir=wd, timeout=300)
     assert p.returncode == 1, p.stderr
     rows = [json.loads(l) for l in p.stdout.splitlines()]
-    assert [list(r) for r in rows] == [KEYS] * len(IMAGES) and [r["file"] for r in rows] == list(map(str, IMAGES))
+    assert [list(r) for r in rows] == [KEYS + ["model_version"]] * len(IMAGES) and [r["file"] for r in rows] == list(map(str, IMAGES))
+    assert {r.pop("model_version") for r in rows} == {int(mv.version)}
     check_same(rows, in_process)
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and "notes.txt: not a readable image" in err[0], p.stderr
+    err = p.stderr.strip().splitlines()  # which version answered, then the file it could not read
+    assert err == [f"fruitflow predict: {uri} is fruitflow version {mv.version}", f"fruitflow predict: {tmp_path/'notes.txt'}: not a readable image "
+                   "(UnidentifiedImageError: cannot identify image file)"], p.stderr
 
 def test_predict_cli_registry_uri(registered, tmp_path):
     "Elsewhere, through MLFLOW_REGISTRY_URI: a table; a missing alias is one line naming it."
