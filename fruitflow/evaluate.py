@@ -4,15 +4,14 @@
 
 # %% ../nbs/04_evaluate.ipynb #dc5d321d
 from __future__ import annotations
-import io, json
+import json
 from pathlib import Path
 import numpy as np
 import keras
-from .config import FEW
 from .train import load_split, split_info
 
 # %% auto #0
-__all__ = ['K_FOLDS', 'DRAWN', 'class_metrics', 'evaluate', 'evidence']
+__all__ = ['class_metrics', 'evaluate']
 
 # %% ../nbs/04_evaluate.ipynb #8e88e8a0
 def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> tuple[dict, np.ndarray]:
@@ -59,61 +58,3 @@ def evaluate(split_dir: Path,  # the split written by preprocess
     _plot_confusion(cm, info["classes"], out_dir/"confusion_matrix.png")
     print(f"test accuracy {acc:.3f} on {len(y)} images, loss {loss:.3f}")
     return metrics | dict(confusion_matrix=str(out_dir/"confusion_matrix.png"))
-
-# %% ../nbs/04_evaluate.ipynb #b77db24f
-K_FOLDS, DRAWN = 5, 50  # folds of the cross-validated evidence; photos drawn to judge a model trained on drawn ones
-
-def _figure(kind: str, said: str, correct: int, n: int, baseline: float) -> dict:
-    "One piece of evidence: what it is, its accuracy and the images it rests on, and the accuracy of always giving the commonest answer."
-    acc = correct / n if n else 0.0
-    return dict(evidence_kind=kind, evidence=f"{said} {acc:.3f} on {n} {'test ' * (kind == 'test')}image{'s' * (n != 1)}",
-                evidence_accuracy=acc, evidence_images=n, evidence_correct=correct, evidence_baseline=baseline)
-
-def _majority(y: np.ndarray) -> float: return float(np.bincount(y).max() / len(y)) if len(y) else 0.0
-
-def _drawn(model: keras.Model, classes: list[str], size: int, seed: int, n: int = DRAWN) -> dict|None:
-    "The model's accuracy on `n` freshly drawn apples and oranges; None for other classes."
-    from fruitflow.core import load_image, to_array
-    from fruitflow.download import draw
-    if sorted(classes) != ["apple", "orange"]: return None
-    base, x, y = 2**41 + seed * 1_000_003, [], []  # neither the source's stream (seed * 1_000_003 + ...) nor the mixed-in one (2**40 + ...)
-    for c, label in enumerate(classes):
-        for i in range(n // len(classes)):
-            jpeg = io.BytesIO(); draw(label, base + c * 100_000_007 + i).save(jpeg, format="JPEG", quality=90)  # as the synthetic source saves them
-            x.append(to_array(load_image(jpeg.getvalue(), size=size), size)); y.append(c)
-    pred = model.predict(np.stack(x).astype(np.float32), batch_size=32, verbose=0).argmax(1)
-    return _figure("drawn", "accuracy on freshly drawn photos", int((pred == np.array(y)).sum()), len(y), 0.5)
-
-def _crossvalidated(split_dir: Path, model_path: Path, out_dir: Path, recipe: dict, k: int) -> dict|None:
-    "The accuracy of `recipe` k-fold cross-validated over every labelled image of `split_dir`; None when a class has fewer than 2."
-    from fruitflow import crossval
-    y = np.load(Path(split_dir)/"y.npy")
-    if (k := min(k, int(np.bincount(y).min()))) < 2: return None
-    if recipe["model_kind"] == "efficientnet" and len(split_info(split_dir)["splits"]["train"]) < FEW:
-        cv = crossval.head_crossval(split_dir, model_path, k, recipe["epochs"], recipe["seed"])
-    else: cv = crossval.crossval(split_dir, Path(out_dir)/"crossval", **{n: recipe[n] for n in ("model_kind", "epochs", "batch_size", "learning_rate",
-                                  "width", "augment", "patience", "seed", "synthetic")}, k=k)
-    return _figure("crossval", f"{k}-fold cross-validated accuracy", cv["n_correct"], cv["n_predictions"], _majority(y))
-
-def evidence(split_dir: Path,  # the split the model was tested on
-             model_path: Path,  # the model train saved, its recipe in the .json beside it
-             out_dir: Path,  # where cross-validation's folds go
-             test: dict,  # what `evaluate` measured
-             data_source: str = "",  # what the model was trained on: synthetic is judged on drawn photos
-             min_test_images: int = 10,  # a test split of fewer images is too small to judge
-             k: int = K_FOLDS,  # folds of the cross-validation
-            ) -> dict:
-    "The evidence a champion is judged on: the test accuracy, or, on a test split too small to judge, the figure on more images."
-    split_dir, info = Path(split_dir), split_info(split_dir)
-    y = np.load(split_dir/"y.npy")
-    best = _figure("test", "test accuracy", int(round(test["test_accuracy"] * test["n_test"])), test["n_test"], _majority(y[info["splits"]["test"]]))
-    meta = json.loads(Path(model_path).with_suffix(".json").read_text())
-    if test["n_test"] >= min_test_images or "recipe" not in meta: return best
-    if data_source == "synthetic":
-        model, n = keras.saving.load_model(model_path, compile=False), max(DRAWN, min_test_images + len(info["classes"]))
-        more = _drawn(model, info["classes"], info["image_size"], meta["recipe"]["seed"], n)
-    elif len(y) < min_test_images: return best  # every image cross-validated would still be too few: spare the folds
-    else: more = _crossvalidated(split_dir, model_path, out_dir, meta["recipe"], k)
-    got = more if more and more["evidence_images"] > best["evidence_images"] else best
-    print(f"evidence: {got['evidence']} (the test split's {test['n_test']} images are fewer than {min_test_images})")
-    return got

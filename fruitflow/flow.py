@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_flow.ipynb #bdd7e8b3
 from __future__ import annotations
-import time
+import contextlib, time
 from typing import Literal
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -14,7 +14,7 @@ from .config import EXPERIMENT, MODEL_NAME, REGISTER_LIMIT, STEPS, NOTEBOOKS, Co
 from .download import GITHUB
 
 # %% auto #0
-__all__ = ['run_step', 'step', 'pipeline']
+__all__ = ['run_step', 'promotion_slot', 'step', 'pipeline']
 
 # %% ../nbs/10_flow.ipynb #7100a93f
 @task(task_run_name="{name}", cache_policy=NO_CACHE)
@@ -23,6 +23,15 @@ def run_step(name: str, params: dict, run: tracking.Run, kernel: notebooks.Kerne
     from prefect import get_run_logger
     return notebooks.execute(name, params | run.params, run.dir, run.cfg.workdir, kernel, run.cfg.step_timeout,
                              record=run.log_notebook, log=get_run_logger().info)
+
+def promotion_slot():
+    "The one slot of Prefect's limit REGISTER_LIMIT where `fruitflow deploy` made it; elsewhere nothing to hold (and no warning that it is missing)."
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    try:
+        with get_client(sync_client=True) as c: c.read_global_concurrency_limit_by_name(REGISTER_LIMIT)
+    except ObjectNotFound: return contextlib.nullcontext()
+    return concurrency(REGISTER_LIMIT, occupy=1)
 
 def step(name: str, params: dict, run: tracking.Run, kernel: notebooks.Kernel|None) -> dict:
     "Run step `name` as a task, or reuse its result when resuming and nothing it depends on changed; print progress."
@@ -75,7 +84,7 @@ def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder
                                   synthetic=cfg.synthetic, cache_dir=str(cache_dir(cfg.workdir))), run, kernel)
         got |= step("evaluate", dict(split_dir=got["split_dir"], model_path=got["model_path"], out_dir=str(run.dir/"evaluation"),
                                      batch_size=cfg.batch_size, data_source=got["data_source"], min_test_images=cfg.min_test_images), run, kernel)
-        with concurrency(REGISTER_LIMIT, occupy=1):  # runs on other workers wait: `champion` moves by one promotion at a time (no limit: no wait)
+        with promotion_slot():  # runs on other workers wait: `champion` moves by one promotion at a time
             got |= step("register", dict(model_uri=got["model_uri"], model_name=cfg.model_name, test_accuracy=float(got["test_accuracy"]),
                                          data_source=got["data_source"], min_accuracy=cfg.min_accuracy,
                                          n_test=int(got["n_test"]), min_test_images=cfg.min_test_images,

@@ -10,7 +10,7 @@ import numpy as np
 from .core import ImageError, load_image, to_array
 
 # %% auto #0
-__all__ = ['DataError', 'stratified_split', 'class_names', 'preprocess']
+__all__ = ['DataError', 'stratified_split', 'class_names', 'preprocess', 'datasets']
 
 # %% ../nbs/02_preprocess.ipynb #96af1b53
 class DataError(ValueError):
@@ -90,3 +90,14 @@ def preprocess(manifest_path: Path,  # the manifest CSV of the download step
     sizes = {k: len(v) for k, v in splits.items()}
     print(f"{len(kept)} images of {len(classes)} classes → train {sizes['train']}, val {sizes['val']}, test {sizes['test']}; {len(skipped)} skipped")
     return dict(split_dir=str(out_dir), classes=classes, n_images=len(kept), n_skipped=len(skipped), **{f"n_{k}": v for k, v in sizes.items()})
+
+# %% ../nbs/02_preprocess.ipynb #0bf87279
+def datasets(split_dir: Path,  # the folder preprocess wrote
+            ) -> dict:
+    "Each non-empty split of `split_dir` as an MLflow dataset of (file, label) rows: split name → dataset."
+    import mlflow.data, os, pandas as pd
+    info, y = json.loads((Path(split_dir)/"split.json").read_text()), np.load(Path(split_dir)/"y.npy")
+    root = Path(os.path.commonpath([str(Path(f).parent.parent) for f in info["files"]]))  # the folder of the class folders
+    table = lambda idx: pd.DataFrame({"file": [Path(info["files"][i]).relative_to(root).as_posix() for i in idx],
+                                      "label": [info["classes"][y[i]] for i in idx]})
+    return {s: mlflow.data.from_pandas(table(idx), source=str(root), name=root.name, targets="label") for s, idx in info["splits"].items() if idx}

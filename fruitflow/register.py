@@ -65,7 +65,7 @@ def register(model_uri: str,  # the logged model
              min_accuracy: float = 0.5,  # floor for any champion
              n_test: int = 0,  # how many test images `test_accuracy` was measured on
              min_test_images: int = 10,  # fewer, and it is never the champion
-             evidence: dict|None = None,  # `evaluate.evidence`'s figure, judged instead of the test accuracy (None: the test accuracy)
+             evidence: dict|None = None,  # `crossval.evidence`'s figure, judged instead of the test accuracy (None: the test accuracy)
             ) -> dict:
     "Register `model_uri` as a new version of `model_name` and give it `alias` or `challenger`; no version is left without its alias."
     client = MlflowClient()

@@ -8,8 +8,8 @@ import argparse, datetime, json, os, re, shlex, subprocess, sys, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['CAPTIONS', 'fill', 'blocks', 'transcript', 'run_record', 'figures', 'screenshot_block', 'criteria', 'report',
-           'add_parsers']
+__all__ = ['MAX_LINE', 'CAPTIONS', 'fill', 'blocks', 'transcript', 'tidy', 'run_record', 'figures', 'proof', 'screenshot_block',
+           'criteria', 'predictions', 'report', 'add_parsers']
 
 # %% ../nbs/16_report.ipynb #2ed93a7c
 _BLOCK = re.compile(r"(<!-- fruitflow:begin ([\w-]+) -->\n).*?(<!-- fruitflow:end \2 -->)", re.S)
@@ -38,6 +38,17 @@ def transcript(lines: list[str],  # shell commands, run in order in one bash
                        text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     return "```console\n" + p.stdout.rstrip("\n") + "\n```", p.returncode
 
+# %% ../nbs/16_report.ipynb #1d52721d
+MAX_LINE = 200  # the longest line of a transcript in the report
+
+def tidy(text: str,  # a transcript
+         paths: dict[str, str],  # absolute path → how to write it
+        ) -> str:
+    "`text` with each of `paths` written short (the longest first) and every line cut to `MAX_LINE` characters."
+    for long, short in sorted(paths.items(), key=lambda kv: -len(kv[0])): text = text.replace(f"{long}/", f"{short}/").replace(long, short)
+    cut = lambda l: l if len(l) <= MAX_LINE else f"{l[:MAX_LINE - 40]} … ({len(l) - MAX_LINE + 40:,} characters cut)"
+    return "\n".join(map(cut, text.splitlines()))
+
 # %% ../nbs/16_report.ipynb #7e7ebcf6
 def run_record(tracking_uri: str,  # the MLflow server of the run
                run_id: str,  # the run
@@ -56,18 +67,37 @@ def run_record(tracking_uri: str,  # the MLflow server of the run
                 test_accuracy=round(m.get("test_accuracy", 0), 4), test_loss=round(m.get("test_loss", 0), 4),
                 minutes=round((r.info.end_time - r.info.start_time) / 60000, 1), model_name=model_name,
                 version=int(t.get("registered_version", 0)), alias=t.get("registered_alias", ""), promotion=t.get("promotion", ""),
+                evidence=t.get("evidence", ""), evidence_images=int(m.get("promotion_images", 0)), head_steps=int(p.get("head_steps", 0)),
                 system_metrics=sorted(k for k in m if k.startswith("system/")))
 
 def figures(rec: dict) -> str:
     "The run record as the report's table."
     rows = [("Date", rec["date"]), ("MLflow run", f"`{rec['run_id']}` ({rec['run_name']}), {rec['status']}"),
             ("Data", f"{rec['data_source']}: {rec['n_images']} images → train {rec['n_train']}, validation {rec['n_val']}, test {rec['n_test']}"),
-            ("Model", f"`{rec['model_kind']}`, {rec['image_size']}×{rec['image_size']} pixels, batch size {rec['batch_size']}"),
-            ("Epochs", f"{rec['epochs_run']} of at most {rec['epochs']} (early stopping on the validation loss)"),
+            ("Model", f"`{rec['model_kind']}`, {rec['image_size']}×{rec['image_size']} pixels"
+                      + ("" if rec.get("head_steps") else f", batch size {rec['batch_size']}")),
+            ("Epochs", f"{rec['epochs_run']}, {rec['head_steps']} full-batch steps in all: a logistic regression on the frozen backbone's features"
+                       if rec.get("head_steps") else f"{rec['epochs_run']} of at most {rec['epochs']} (early stopping on the validation loss)"),
             ("Test accuracy", f"{rec['test_accuracy']:.4f} (test loss {rec['test_loss']:.4f}) on {rec['n_test']} images"),
+            ("Evidence for the registry", rec["evidence"]),
             ("Pipeline time", f"{rec['minutes']} min"),
             ("Registered", f"`{rec['model_name']}` version {rec['version']} as `@{rec['alias']}`: {rec['promotion']}")]
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+# %% ../nbs/16_report.ipynb #665fff33
+def proof(rec: dict,  # the run record, with the `fruitflow run` options it was made with (`run_args`)
+         ) -> str:
+    "The report's opening paragraph of its proof: the run, its data, the evidence the registry judged, and the version it made."
+    n_test, cmd = rec["n_test"], shlex.join(["fruitflow", "run", *rec["run_args"]])
+    out = (f"All the transcripts, numbers and screenshots below come from one run, made by `fruitflow report` on {rec['date']} with "
+           f"`{cmd}`: {rec['n_images']} photos ({rec['data_source']}), {rec['n_train']} to train on, {rec['n_val']} to validate, "
+           f"{n_test} to test. ")
+    if rec["evidence_images"] > n_test:
+        out += (f"A test split of {n_test} images is too small to judge a model by: its test accuracy, {rec['test_accuracy']:.3f}, can only "
+                f"be a multiple of 1/{n_test}. So the evaluate step also measured the training recipe's {rec['evidence']}: each photo "
+                f"predicted by a model trained without it. ")
+    return out + (f"The registry judged {'that figure' if rec['evidence_images'] > n_test else 'the test accuracy'} and registered the model "
+                  f"as version {rec['version']}, `@{rec['alias']}`: {rec['promotion']}. §5 predicts with that version.")
 
 # %% ../nbs/16_report.ipynb #b7deb535
 CAPTIONS = {"prefect-flow-runs.png": "Prefect: the pipeline's flow runs", "prefect-flow-run-graph.png": "Prefect: the flow run's graph, one task per step",
@@ -103,22 +133,33 @@ def _checked_notebook(path: Path) -> bool:
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     return bool(code) and all(c.get("execution_count") for c in code) and not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
 
-def _test_images(run_dir: Path) -> list[str]:
-    "One test-split image of each class of the run."
+def _test_images(run_dir: Path) -> dict[str, str]:
+    "One test-split image of each class of the run (photos the model did not train on): path → class."
     info = json.loads((Path(run_dir)/"split"/"split.json").read_text())
     import numpy as np
     labels = np.load(Path(run_dir)/"split"/"y.npy")
     out = {}
     for i in info["splits"]["test"]: out.setdefault(int(labels[i]), info["files"][i])
-    return [out[k] for k in sorted(out)]
+    return {out[k]: info["classes"][k] for k in sorted(out)}
+
+def predictions(answers: str,  # `fruitflow predict --json`'s output: one JSON object a line
+                truth: dict[str, str],  # each file's class
+               ) -> str:
+    "The predictions as a table, each marked right or wrong."
+    rows = [json.loads(l) for l in answers.splitlines() if l.startswith("{")]
+    cells = [(Path(r["file"]).name, truth[r["file"]], r["label"], f"{r['p_' + r['label']]:.3f}", "right" if r["label"] == truth[r["file"]] else "**wrong**")
+             for r in rows]
+    return "| photo (not trained on) | class | predicted | probability | |\n|---|---|---|---|---|\n" + "\n".join(f"| {' | '.join(c)} |" for c in cells)
 
 def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_venv: bool = False, project: Path|None = None) -> int:
     "Make a real run and refresh `report`'s generated blocks, screenshots and run record."
     from fruitflow.servers import running
     from fruitflow.screenshots import screenshots
     workdir, report, img = Path(workdir).resolve(), Path(report).resolve(), Path(img).resolve()
-    project = Path(project or Path(__file__).resolve().parent.parent)
+    project = Path(project or Path(__file__).resolve().parent.parent).resolve()
     ff = shlex.quote(str(Path(sys.executable).parent/"fruitflow"))
+    short = {str(Path(sys.executable).parent/"fruitflow"): "fruitflow", str(project): ".", str(project.parent): "..",
+             **({} if workdir == project else {str(workdir): "<work folder>"})}  # transcripts as the reader's terminal shows them
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     new, rc_v = {}, 0
     if not skip_venv:
@@ -127,26 +168,32 @@ def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_ven
             new["transcript-venv"], rc_v = transcript(["python3 -m venv .venv", "source .venv/bin/activate", "which python",
                 "python -c 'import sys; print(sys.prefix)'", f"pip install -e {shlex.quote(str(project))} 2>&1 | grep -v 'is ignored: it is neither a file nor a directory' | tail -n 1", "pip show mlflow prefect | grep -E '^(Name|Version|Location)'",
                 "which fruitflow"], Path(d), env)
+            new["transcript-venv"] = tidy(new["transcript-venv"], short | {str(Path(d).resolve()): "<fresh folder>", d: "<fresh folder>",
+                                                                           str(project): "<project>"})
             if rc_v: print("the virtual environment's transcript ended with an error; see the report", file=sys.stderr)
     started = "prefect" not in running(workdir)
     print("starting the dashboards" if started else "the dashboards are up", flush=True)
     up_lines = [f"{ff} up --workdir {shlex.quote(str(workdir))}", f"{ff} status --workdir {shlex.quote(str(workdir))}"]
     new["transcript-up"], rc = transcript(up_lines, workdir, env)
     if rc: print(new["transcript-up"], file=sys.stderr); return 1
+    new["transcript-up"] = tidy(new["transcript-up"], short)
     try:
         print("running the pipeline", flush=True)
         new["transcript-run"], rc = transcript([f"{ff} run --workdir {shlex.quote(str(workdir))} " + " ".join(map(shlex.quote, run_args))], workdir, env)
         if rc: print(new["transcript-run"], file=sys.stderr); return 1
+        new["transcript-run"] = tidy(new["transcript-run"], short)
         r = running(workdir)
         from fruitflow.screenshots import latest_run
         last = latest_run(r["mlflow"]["url"])
-        rec = run_record(r["mlflow"]["url"], last["run_id"])
+        rec = run_record(r["mlflow"]["url"], last["run_id"]) | {"run_args": [tidy(a, short) for a in run_args]}
         from mlflow import MlflowClient
         run_dir = Path(MlflowClient(r["mlflow"]["url"]).get_run(last["run_id"]).data.tags["run_dir"])
-        photos = " ".join(shlex.quote(p) for p in _test_images(run_dir))
-        model = "" if rec["alias"] == "champion" else f"--model models:/{rec['model_name']}@{rec['alias']} "  # the version this run registered: on the lab's 19 photos (2 test images) not the champion
-        new["transcript-predict"], rc_p = transcript([f"{ff} predict {model}{photos}", f"{ff} predict --json {model}{photos}"], workdir,
-                                                      env | {"MLFLOW_TRACKING_URI": r["mlflow"]["url"]})
+        truth = _test_images(run_dir)
+        photos = " ".join(map(shlex.quote, truth))
+        model = "" if rec["alias"] == "champion" else f"--model models:/{rec['model_name']}/{rec['version']} "  # the version this run registered
+        said, rc_p = transcript([f"{ff} predict {model}{photos}", f"{ff} predict --json {model}{photos}"], workdir,
+                                env | {"MLFLOW_TRACKING_URI": r["mlflow"]["url"]})
+        new["transcript-predict"] = tidy(said, short) + "\n\n" + predictions(said, truth)
         print("saving the screenshots", flush=True)
         shots = screenshots(img, workdir)
         from fruitflow.lab import lab_screenshot
@@ -157,7 +204,7 @@ def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_ven
     (img/"run.json").write_text(json.dumps(rec, indent=1) + "\n")
     ok = dict(venv=rc_v == 0, notebook=_checked_notebook(project/"ml_workflow.ipynb"),
               screenshots=len(shots) == len(CAPTIONS), run=rec["status"] == "FINISHED", predict=rc_p == 0)
-    new |= dict(figures=figures(rec), screenshots=screenshot_block(img, report.parent), criteria=criteria(rec, ok))
+    new |= dict(proof=proof(rec), figures=figures(rec), screenshots=screenshot_block(img, report.parent), criteria=criteria(rec, ok))
     report.write_text(fill(report.read_text(), new))
     print(f"{report} refreshed from MLflow run {rec['run_id']}: test accuracy {rec['test_accuracy']:.3f}, {len(shots)} screenshots in {img}")
     return 0

@@ -141,7 +141,9 @@ def _open(cfg: Config, client, uri: str) -> tuple[Run, str]:
         for k, v in flow_run.items(): client.set_tag(run_id, k, v)
         print(f"resuming MLflow run {run_id} ({uri}) in {cfg.resume}", flush=True)
         return Run(cfg, client, uri, run_id, cfg.resume, progress), prior
-    run_id = client.create_run(experiment_id(client, cfg, uri), run_name=runtime.flow_run.name or "fruitflow", tags=flow_run | {"source": cfg.source}).info.run_id
+    source = {"mlflow.source.name": "fruitflow.flow.pipeline: nbs/01_download … 05_register.ipynb", "mlflow.source.type": "JOB"}  # what ran
+    run_id = client.create_run(experiment_id(client, cfg, uri), run_name=runtime.flow_run.name or "fruitflow",
+                               tags=flow_run | source | {"source": cfg.source}).info.run_id
     run_dir = Path(cfg.workdir).resolve()/"runs"/f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{run_id[:8]}"
     run_dir.mkdir(parents=True)
     client.set_tag(run_id, "run_dir", str(run_dir))

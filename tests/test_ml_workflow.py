@@ -1,9 +1,9 @@
 "The lab's prototype notebook `ml_workflow.ipynb`: committed executed, top to bottom, without errors, with the model fixed."
-import ast, re
+import ast, re, shutil
 from pathlib import Path
 import nbformat
 import pytest
-from conftest import ROOT
+from conftest import LAB_IMAGES, ROOT
 
 pytestmark = pytest.mark.quick  # no server, no pipeline run
 
@@ -44,7 +44,7 @@ def test_one_parameters_cell_of_typed_literals(nb):
     for stmt in ast.parse(tagged[0].source).body:
         assert isinstance(stmt, ast.Assign), ast.unparse(stmt)  # no imports, calls or logic
         values[stmt.targets[0].id] = ast.literal_eval(stmt.value)  # raises on anything but a literal
-    assert {"DATASET", "IMAGE_SIZE", "BATCH_SIZE", "EPOCHS", "DATASET_URL"} <= set(values)
+    assert {"DATASET", "IMAGE_SIZE", "BATCH_SIZE", "EPOCHS", "DATASET_URL", "LOCAL_FOLDER"} <= set(values) and values["LOCAL_FOLDER"] == ""
     assert values["IMAGE_SIZE"] == (150, 150) and values["BATCH_SIZE"] == 8 and values["EPOCHS"] == 10
     assert values["DATASET"].startswith("data/")  # git ignores data/: the dataset is never committed
     assert values["DATASET_URL"].startswith("https://github.com/HOGENT-MLOps/mlops-labs/")
@@ -104,3 +104,38 @@ def test_reexecutes_against_the_lab_images(tmp_path, lab_site):
     assert "really PNG" in printed and "apple-5.jpeg: not found (404), skipped" in printed and "SYNTHETIC" not in printed
     assert "Found 15 files" in text(cell_with(out, "image_dataset_from_directory"))  # PNGs named .jpeg decode too
     assert sorted(p.name for p in (tmp_path/"data/ml_workflow/dataset/test").glob("*/*")) == ["apple-10.jpeg", "orange-10.jpeg"]
+
+def outputs(nb, kind: str) -> list[str]:
+    "The text of every `stream` output named `kind` (stdout, stderr) in `nb`."
+    return ["".join(o.get("text", "")) for c in code_cells(nb) for o in c.outputs if o.output_type == "stream" and o.get("name") == kind]
+
+def test_committed_copy_ran_on_the_lab_photos_quietly_with_a_plot(nb):
+    "No framework noise or warning on stderr, no path of the machine that ran it, the training curves drawn."
+    (injected,) = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected.source.splitlines()[1:] == ['LOCAL_FOLDER = "../shared/data/lab-images"'], injected.source  # no server of one machine
+    assert "Data source: the lab's images, from the folder ../shared/data/lab-images" in text(cell_with(nb, "def download_from_list"))
+    assert outputs(nb, "stderr") == [], outputs(nb, "stderr")
+    assert not any(p in "".join(outputs(nb, "stdout")) for p in ("/work/", "/tmp/", "/home/", "127.0.0.1"))
+    assert any("image/png" in o.get("data", {}) for o in cell_with(nb, "history.history").outputs)
+
+def _rerun(tmp_path, **parameters):
+    import papermill
+    shutil.copy(NB, tmp_path/NB.name)
+    return papermill.execute_notebook(str(tmp_path/NB.name), str(tmp_path/NB.name), parameters=parameters or None, kernel_name="python3",
+                                      cwd=str(tmp_path), progress_bar=False)
+
+def test_reruns_as_the_readme_says_offline(tmp_path):
+    """`papermill ml_workflow.ipynb ml_workflow.ipynb -k python3` elsewhere, with no internet (CI has none): it keeps the committed folder, which is
+    not there, says so, and falls back to drawn photos, saying that once."""
+    out = _rerun(tmp_path)
+    printed = text(cell_with(out, "def download_from_list"))
+    assert "LOCAL_FOLDER ../shared/data/lab-images is not a folder on this machine: downloading instead" in printed, printed
+    if "DOWNLOAD FAILED" in printed:  # offline
+        assert printed.count("DOWNLOAD FAILED") == 1 and printed.count("Falling back to SYNTHETIC") == 1, printed
+    assert not [o for c in code_cells(out) for o in c.outputs if o.output_type == "error"] and outputs(out, "stderr") == [], outputs(out, "stderr")
+
+def test_reruns_on_a_local_folder_of_photos(tmp_path):
+    out = _rerun(tmp_path, LOCAL_FOLDER=str(LAB_IMAGES), EPOCHS=1)
+    printed = text(cell_with(out, "def download_from_list"))
+    assert f"Data source: the lab's images, from the folder {LAB_IMAGES}" in printed and "apple-5.jpeg: not found, skipped" in printed, printed
+    assert "Found 15 files" in text(cell_with(out, "image_dataset_from_directory")) and outputs(out, "stderr") == [], outputs(out, "stderr")

@@ -19,6 +19,13 @@ def check_complete_run(wd: Path, run, epochs: int):
     assert run.info.status == "FINISHED"
     assert run.data.params["epochs"] == str(epochs) and run.data.params["batch_size"] == "4"
     assert run.data.params["synthetic"] == "40" and run.data.metrics["n_synthetic"] == 80  # apples and oranges: 40 synthetic photos each mixed in
+    assert {"width", "augment", "learning_rate", "patience"} <= set(run.data.params) and "head_steps" not in run.data.params  # the CNN's own
+    for k in run.data.metrics:  # each metric once a step; autologging's validation_* (every epoch at step 0) aside: MLflow's, see issue 44
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, k)]
+        assert k.startswith("validation_") or len(steps) == len(set(steps)), (k, steps)
+    assert run.data.tags["mlflow.source.name"].startswith("fruitflow.flow.pipeline") and run.data.tags["mlflow.source.type"] == "JOB"
+    inputs = {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}  # a dataset a split
+    assert set(inputs) == {"train", "val", "test"} and all(d.digest and d.name for d in inputs.values()), inputs
     assert len(c.get_metric_history(run.info.run_id, "loss")) == epochs  # autologged per epoch
     assert {"test_loss", "test_accuracy", "f1_apple", "recall_orange"} <= set(run.data.metrics)
     assert any(k.startswith("system/") for k in run.data.metrics)
@@ -143,6 +150,9 @@ def test_efficientnet_trains_offline_from_the_package_weights(tmp_path, prefect_
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     (run,) = runs(tmp_path)
     assert run.info.status == "FINISHED" and run.data.params["model_kind"] == "efficientnet" and run.data.tags["registered_version"] == "1"
+    p = run.data.params  # a tiny split: the head's own parameters, and no CNN's
+    assert (p["head_steps"], p["head_learning_rate"], p["head_l2"]) == ("300", "0.01", "0.001") and not {"width", "augment", "synthetic"} & set(p), p
+    assert p["batch_size"] == str(int(run.data.metrics["n_train"] + run.data.metrics["n_val"])) and "best_epoch" not in run.data.metrics  # full batches
     assert run.data.metrics["n_synthetic"] == 0 and run.data.metrics["n_params"] > 3_000_000  # drawn photos not mixed in; the backbone is in the model
     assert run.data.params["precision"] == "float32"  # "auto": its frozen backbone gains nothing from bfloat16
     assert {"loss", "accuracy"} <= set(run.data.metrics), sorted(run.data.metrics)  # autologging recorded the head's epochs

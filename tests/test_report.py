@@ -3,7 +3,7 @@ import json, re
 from pathlib import Path
 import pytest
 from conftest import ROOT
-from fruitflow.report import CAPTIONS, blocks, figures
+from fruitflow.report import CAPTIONS, MAX_LINE, blocks, figures, proof
 
 pytestmark = pytest.mark.quick  # no server, no pipeline run
 
@@ -39,3 +39,20 @@ def test_figures_are_the_run_record():
     assert f"version {rec['version']} as @{rec['alias']}" in b["transcript-run"]
     assert "p_apple" in b["transcript-predict"] and "Traceback" not in TEXT
     assert "- [ ]" not in b["criteria"], b["criteria"]
+
+def test_prose_of_the_run_is_generated_and_says_what_it_ran():
+    "The paragraph about the run comes from its record: the data, the evidence the registry judged, the alias it gave."
+    rec = json.loads((ROOT/"img"/"run.json").read_text())
+    assert blocks(TEXT)["proof"].strip() == proof(rec).strip()
+    assert rec["alias"] == "champion" and "cross-validated" in rec["evidence"], rec  # the lab's photos: a champion on honest evidence
+    assert rec["evidence"] in blocks(TEXT)["figures"] and rec["evidence"] in rec["promotion"], rec
+
+def test_no_machine_path_and_no_overlong_line():
+    assert not re.findall(r"(?:/work/|/tmp/|/home/|/root/|/Users/)\S*", TEXT)
+    for name, content in blocks(TEXT).items():
+        if name.startswith("transcript"): assert max(map(len, content.splitlines())) <= MAX_LINE, name
+
+def test_example_predictions_are_marked():
+    table = blocks(TEXT)["transcript-predict"].split("```")[-1]
+    rows = [l for l in table.splitlines() if l.startswith("| ") and not l.startswith("| photo")]
+    assert len(rows) == 2 and all(l.rstrip(" |").endswith(("right", "**wrong**")) for l in rows), table

@@ -91,6 +91,7 @@ def test_run_uses_the_servers(dashboards, first_run):
     assert {t["name"] for t in trs} == STEPS and all(t["state_type"] == "COMPLETED" for t in trs), [(t["name"], t["state_type"]) for t in trs]
     logs = _api(f"{prefect}/api/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
     assert any("synthetic: 12 files" in l["message"] and l["task_run_id"] for l in logs), [l["message"] for l in logs]  # the download step's output
+    assert not [l["message"] for l in logs if l["level"] >= 30], [l["message"] for l in logs if l["level"] >= 30]  # no warning: the missing limit is not asked for
     art = _api(f"{prefect}/api/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
     assert len(art) == 1 and art[0]["type"] == "markdown", art
     md = art[0]["data"]
