@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_report.ipynb #139896fa
 from __future__ import annotations
-import argparse, datetime, json, os, re, shlex, subprocess, sys, tempfile
+import argparse, datetime, json, os, re, shlex, subprocess, sys, tempfile, textwrap
 from pathlib import Path
 
 # %% auto #0
@@ -96,8 +96,9 @@ def proof(rec: dict,  # the run record, with the `fruitflow run` options it was 
         out += (f"A test split of {n_test} images is too small to judge a model by: its test accuracy, {rec['test_accuracy']:.3f}, can only "
                 f"be a multiple of 1/{n_test}. So the evaluate step also measured the training recipe's {rec['evidence']}: each photo "
                 f"predicted by a model trained without it. ")
-    return out + (f"The registry judged {'that figure' if rec['evidence_images'] > n_test else 'the test accuracy'} and registered the model "
-                  f"as version {rec['version']}, `@{rec['alias']}`: {rec['promotion']}. §5 predicts with that version.")
+    out += (f"The registry judged {'that figure' if rec['evidence_images'] > n_test else 'the test accuracy'} and registered the model "
+            f"as version {rec['version']}, `@{rec['alias']}`: {rec['promotion']}. §5 predicts with that version.")
+    return textwrap.fill(out, 110, break_long_words=False, break_on_hyphens=False)
 
 # %% ../nbs/16_report.ipynb #b7deb535
 CAPTIONS = {"prefect-flow-runs.png": "Prefect: the pipeline's flow runs", "prefect-flow-run-graph.png": "Prefect: the flow run's graph, one task per step",

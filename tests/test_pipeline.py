@@ -176,3 +176,26 @@ def test_efficientnet_trains_offline_from_the_package_weights(tmp_path, prefect_
     assert len(served) == 2 and set(served[0]) == {"label", "p_apple", "p_orange"}, served
     for r, (_, row) in zip(served, here.iterrows()):
         assert r["label"] == row["label"] and all(abs(r[c] - row[c]) < 1e-5 for c in ("p_apple", "p_orange")), (served, here)
+
+@pytest.mark.long
+def test_quick_start_then_predict_then_the_labs_photos(tmp_path, prefect_api):
+    """The learner's first hour, offline: `fruitflow run` on the embedded defaults ends with a champion (judged on freshly
+    drawn photos) and the next step; that very `fruitflow predict` command answers and names the version; then the lab's
+    19 photos (2 test images) make a champion on their cross-validated accuracy, which predict answers with by default."""
+    env = {"PREFECT_API_URL": prefect_api}
+    first = fruitflow("run", workdir=tmp_path, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "registered fruitflow version 1 as @champion: there is no champion yet; accuracy on freshly drawn photos" in first.stdout, first.stdout[-2000:]
+    nxt = re.search(r"^next: fruitflow predict (\S+)   # fruitflow version 1 \(@champion\) labels a test photo$", first.stdout, re.M)
+    assert nxt and (tmp_path/nxt[1]).is_file(), first.stdout[-1000:]  # a test photo, relative to where the run was started
+    p = fruitflow("predict", nxt[1], workdir=tmp_path, timeout=300)
+    assert p.returncode == 0 and p.stderr == "fruitflow predict: models:/fruitflow@champion is fruitflow version 1\n", p.stderr
+    assert p.stdout.splitlines()[1].split()[0] == nxt[1], p.stdout
+    lab = fruitflow("run", "--source", LAB_IMAGES, workdir=tmp_path, env=env)
+    assert lab.returncode == 0, lab.stdout[-3000:] + lab.stderr[-3000:]
+    said = re.search(r"registered fruitflow version 2 as @champion: (5-fold cross-validated accuracy ([\d.]+) on 19 images), trained on real photos", lab.stdout)
+    assert said and float(said[2]) >= 0.8, lab.stdout[-2000:]  # 2 test images, but every photo predicted once by a model that did not train on it
+    (run,) = [r for r in runs(tmp_path) if r.data.tags.get("registered_version") == "2"]
+    assert run.data.tags["evidence"] == said[1] and run.data.metrics["promotion_images"] == 19 and run.data.metrics["n_test"] == 2
+    p = fruitflow("predict", "--json", LAB_IMAGES/"apples"/"apple-1.jpeg", workdir=tmp_path, timeout=300)
+    assert p.returncode == 0 and json.loads(p.stdout)["model_version"] == 2 and "version 2" in p.stderr, p.stdout + p.stderr
