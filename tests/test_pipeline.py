@@ -178,10 +178,11 @@ def test_efficientnet_trains_offline_from_the_package_weights(tmp_path, prefect_
         assert r["label"] == row["label"] and all(abs(r[c] - row[c]) < 1e-5 for c in ("p_apple", "p_orange")), (served, here)
 
 @pytest.mark.long
-def test_quick_start_then_predict_then_the_labs_photos(tmp_path, prefect_api):
+def test_quick_start_then_predict_then_the_labs_photos_then_a_model_at_chance(tmp_path, prefect_api):
     """The learner's first hour, offline: `fruitflow run` on the embedded defaults ends with a champion (judged on freshly
     drawn photos) and the next step; that very `fruitflow predict` command answers and names the version; then the lab's
-    19 photos (2 test images) make a champion on their cross-validated accuracy, which predict answers with by default."""
+    19 photos (2 test images) make a champion on their cross-validated accuracy, which predict answers with by default; a model
+    at chance (two classes of the same kind of photo) does not replace it."""
     env = {"PREFECT_API_URL": prefect_api}
     first = fruitflow("run", workdir=tmp_path, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -199,3 +200,12 @@ def test_quick_start_then_predict_then_the_labs_photos(tmp_path, prefect_api):
     assert run.data.tags["evidence"] == said[1] and run.data.metrics["promotion_images"] == 19 and run.data.metrics["n_test"] == 2
     p = fruitflow("predict", "--json", LAB_IMAGES/"apples"/"apple-1.jpeg", workdir=tmp_path, timeout=300)
     assert p.returncode == 0 and json.loads(p.stdout)["model_version"] == 2 and "version 2" in p.stderr, p.stdout + p.stderr
+    from fruitflow.download import draw  # a model at chance: "apples" and "oranges" that are all drawn apples
+    for c, base in (("apples", 0), ("oranges", 1000)):
+        (tmp_path/"chance"/c).mkdir(parents=True)
+        for i in range(10): draw("apple", base + i).save(tmp_path/"chance"/c/f"{i}.jpg", quality=90)
+    chance = fruitflow("run", "--source", tmp_path/"chance", workdir=tmp_path, env=env)
+    assert chance.returncode == 0, chance.stdout[-3000:] + chance.stderr[-3000:]
+    assert re.search(r"registered fruitflow version 3 as @challenger: 5-fold cross-validated accuracy [\d.]+ on 20 images is not clearly better "
+                     r"than always giving the commonest answer \(0\.500\)", chance.stdout), chance.stdout[-2000:]
+    assert mlflow_client(tmp_path).get_model_version_by_alias("fruitflow", "champion").version == "2"
