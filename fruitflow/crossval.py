@@ -97,7 +97,8 @@ def crossval(split_dir: Path,  # the preprocessed set: all its usable images are
             print(f"seed {s} fold {i + 1}/{k}: accuracy {got[-1]:.3f} on {len(test_idx)} images")
         accs += got; per_seed.append(float(np.mean(got))); sizes += [len(f) for f in folds(y, k, s)]
     out = dict(accuracies=accs, accuracy_mean=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
-               n_correct=int(round(sum(a * n for a, n in zip(accs, sizes)))), n_predictions=int(sum(sizes)), seed_means=per_seed, seed_mean_std=float(np.std(per_seed)), k=k, seeds=list(range(seed, seed + repeats)), n_images=int(len(y)))
+               n_correct=int(round(sum(a * n for a, n in zip(accs, sizes)))), n_predictions=int(sum(sizes)),
+               seed_means=per_seed, seed_mean_std=float(np.std(per_seed)), k=k, seeds=list(range(seed, seed + repeats)), n_images=int(len(y)))
     print(f"{model_kind}: cross-validated accuracy {out['accuracy_mean']:.3f} ± {out['accuracy_std']:.3f} over {len(accs)} folds"
           f" ({k} folds × {repeats} seed{'s' * (repeats > 1)}; spread of the seeds' means {out['seed_mean_std']:.3f})")
     if run_id: _log(run_id, tracking_uri, out, dict(k=k, repeats=repeats, model_kind=model_kind, epochs=epochs, seed=seed, synthetic=synthetic))

@@ -81,7 +81,8 @@ def register(model_uri: str,  # the logged model
     given = alias if promote else challenger
     try:
         client.set_registered_model_alias(model_name, given, mv.version)
-        client.update_model_version(model_name, mv.version, f"Trained on {data_source} data. {ev['evidence'].capitalize()}. @{given}: {reason}.")
+        said = ev["evidence"][:1].upper() + ev["evidence"][1:]
+        client.update_model_version(model_name, mv.version, f"Trained on {data_source} data. {said}. @{given}: {reason}.")
     except BaseException:
         client.delete_model_version(model_name, mv.version)
         raise

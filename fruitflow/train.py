@@ -293,7 +293,7 @@ def train(split_dir: Path,  # the split written by preprocess
     weights_path = model_path.with_suffix(".weights.h5")
     model.save_weights(weights_path)
     recipe = dict(model_kind=model_kind, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width, augment=augment,
-                  patience=patience, seed=seed, synthetic=synthetic, cache_dir=str(cache_dir or ""), precision=precision, features=features)
+                  patience=patience, seed=seed, synthetic=synthetic, precision=precision, features=features)
     meta = {k: info[k] for k in ("classes", "image_size")} | {"recipe": recipe}  # the recipe: what the evaluate step cross-validates
     (meta_path := model_path.with_suffix(".json")).write_text(json.dumps(meta))
     best = (min_epochs + int(np.argmin(hist["val_loss"][min_epochs:]))) if has_val and len(hist["loss"]) > min_epochs else len(hist["loss"]) - 1
