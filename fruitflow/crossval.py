@@ -95,7 +95,8 @@ def crossval(split_dir: Path,  # the preprocessed set: all its usable images are
             m = train(fd, fd/"model.keras", model_kind, epochs, batch_size, learning_rate, width, augment, patience, s, synthetic=synthetic, cache_dir=out_dir/".cache")
             got.append(evaluate(fd, m["model_path"], fd/"evaluation", batch_size)["test_accuracy"])
             print(f"seed {s} fold {i + 1}/{k}: accuracy {got[-1]:.3f} on {len(test_idx)} images")
-        accs += got; per_seed.append(float(np.mean(got))); sizes += [len(f) for f in folds(y, k, s)]
+            sizes.append(len(test_idx))
+        accs += got; per_seed.append(float(np.mean(got)))
     out = dict(accuracies=accs, accuracy_mean=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
                n_correct=int(round(sum(a * n for a, n in zip(accs, sizes)))), n_predictions=int(sum(sizes)),
                seed_means=per_seed, seed_mean_std=float(np.std(per_seed)), k=k, seeds=list(range(seed, seed + repeats)), n_images=int(len(y)))
