@@ -6,30 +6,15 @@
 from __future__ import annotations
 import argparse, atexit, gc, os, signal, sys
 from pathlib import Path
-from .config import STEPS, Config, ConfigError, checked, data_options, error_log, model_for, one_line
+from .config import Config, ConfigError, add_options, checked, error_log, one_line
 
 # %% auto #0
 __all__ = ['run', 'next_steps', 'parser', 'config', 'main']
 
 # %% ../nbs/11_cli.ipynb #8553be0c
-def _preflight(cfg: Config) -> str|None:
-    "What keeps this run from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
-    from fruitflow.tracking import ServerUnreachable, check_server, unreachable
-    if model_for(cfg.model_kind, cfg.source) == "efficientnet":
-        from fruitflow.core import package_weights  # not fruitflow.efficientnet, which imports Keras
-        try: package_weights()
-        except FileNotFoundError as e: return str(e)
-    uri = cfg.resolved_tracking_uri()
-    try: check_server(uri)
-    except ServerUnreachable as e: return str(e)
-    api = os.environ.get("PREFECT_API_URL")
-    if api and (why := unreachable(api)):
-        return f"the Prefect server at {api} is unreachable ({why}): start it (fruitflow up) or unset PREFECT_API_URL"
-
 def run(args) -> int:
     "`fruitflow run`: one pipeline execution, or the rest of one with --resume, --from or --only."
-    from fruitflow import notebooks, warm
-    from fruitflow.servers import TemporaryPrefectServer, env_defaults, quiet_heartbeats
+    from fruitflow.prepare import NotReady, prepared
     from fruitflow.state import ResumeError, resume_config
     cfg = config(args)
     if cfg.resume or cfg.from_step or cfg.only:
@@ -37,26 +22,16 @@ def run(args) -> int:
         except ResumeError as e:
             print(f"fruitflow run: error: {e}", file=sys.stderr)
             return 2
-    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    env_defaults(cfg.workdir)
-    if why := _preflight(cfg):
-        print(f"fruitflow run: {why}", file=sys.stderr)
-        return 1
-    kernel = None if cfg.kernel_per_step else notebooks.start_ahead(cfg.workdir, warm.handover(cfg.workdir))  # `fruitflow up`'s warm one, else one whose imports overlap Prefect's
-    server = None if os.environ.get("PREFECT_API_URL") else TemporaryPrefectServer(Path(os.environ["PREFECT_HOME"]))
-    if server: os.environ["PREFECT_API_URL"] = server.url  # before Prefect reads its settings, at import
     try:
-        from fruitflow.tracking import mlflow_client
-        mlflow_client(cfg.resolved_tracking_uri())  # a new embedded store is made (migrated) while the server and the kernel start
-        from prefect.settings import temporary_settings
-        from fruitflow.flow import pipeline
-        from fruitflow.notebooks import StepFailed
-        from fruitflow.tracking import ServerUnreachable, TrackingLost, interrupt_on_signals, settle
-        for line in settle(cfg.workdir): print(line)  # endings kept while a server was away
-        interrupt_on_signals()
-        if server: os.environ["PREFECT_API_URL"] = server.wait()  # a new URL if it had to start again on another port
-        with temporary_settings(updates={"api.url": os.environ["PREFECT_API_URL"]}), quiet_heartbeats():
+        with prepared(cfg):  # the kernel and a temporary Prefect server start first, while Prefect and the flow are imported
+            from fruitflow.flow import pipeline
+            from fruitflow.notebooks import StepFailed
+            from fruitflow.tracking import ServerUnreachable, TrackingLost, interrupt_on_signals
+            interrupt_on_signals()
             got = pipeline(**cfg.model_dump(mode="json"))
+    except NotReady as e:
+        print(f"fruitflow run: {e}", file=sys.stderr)
+        return 1
     except (StepFailed, ResumeError, TrackingLost, ServerUnreachable, ConfigError) as e:
         print(f"fruitflow run: {e}", file=sys.stderr)
         return 1
@@ -66,8 +41,6 @@ def run(args) -> int:
     except Exception as e:  # not a step's failure: Prefect or MLflow themselves; the details go to a log
         print(f"fruitflow run: error: {one_line(e)} (details in {error_log(cfg.workdir, e)})", file=sys.stderr)
         return 1
-    finally:
-        if kernel: kernel.stop(now=True)  # stopped already, unless the flow never took it
     if "version" not in got:
         print(f"MLflow run {got['run_id']}: step '{cfg.only}' done; later steps not rerun, so the run is marked KILLED")
         return 0
@@ -104,23 +77,13 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     "The `fruitflow` command line."
-    from fruitflow import deploy, lab, report, screenshots, serve, servers, sweep  # each adds its commands with `add_parsers(sub)`
+    from fruitflow import deploy, lab, report, screenshots, serve, servers, sweep_cli  # each adds its commands with `add_parsers(sub)`
     p = _Parser(prog="fruitflow", description="A notebook-first ML pipeline: Prefect runs the step notebooks, MLflow tracks them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run the pipeline once (download → preprocess → train → evaluate → register)")
-    r.add_argument("--epochs", type=int, default=10, help="most training epochs (default 10; early stopping may end sooner)")
-    r.add_argument("--image-size", type=int, default=96, help="side of the square images (default 96; the lab used 150)")
-    r.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's step size (default 0.001)")
-    r.add_argument("--synthetic", type=int, default=40, help="synthetic photos per class mixed into the training split, apples and oranges only (default 40; 0: none)")
-    data_options(r)
-    r.add_argument("--resume", nargs="?", const="latest", default="", metavar="RUN",
-                   help="continue a run (default: the latest; or its folder, or the start of its MLflow run id): unchanged steps are reused")
-    r.add_argument("--from", dest="from_step", default="", choices=STEPS, help="resume, rerunning from this step on")
-    r.add_argument("--only", default="", choices=STEPS, help="resume, rerunning only this step")
-    r.add_argument("--kernel-per-step", action="store_true",
-                   help="run each step in a Jupyter kernel of its own, started by papermill (default: the steps share one, started ahead, which imports each module once and clears the names of one step before the next)")
+    add_options(r)  # every run option, as `Config` declares it
     r.set_defaults(func=run)
-    for m in (servers, deploy, screenshots, serve, sweep, report, lab): m.add_parsers(sub)
+    for m in (servers, deploy, screenshots, serve, sweep_cli, report, lab): m.add_parsers(sub)
     return p
 
 def config(args: argparse.Namespace) -> Config:

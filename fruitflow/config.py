@@ -4,17 +4,18 @@
 
 # %% ../nbs/08_config.ipynb #f7576558
 from __future__ import annotations
-import argparse, os, traceback
+import argparse, inspect, os, traceback
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 import fruitflow
 from .download import GITHUB, ARCHIVES, datasets_inside
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'STATE', 'KERNEL',
-           'REGISTER_LIMIT', 'WORKDIR', 'Step', 'FEW', 'Config', 'config_error', 'ConfigError', 'checked', 'one_line',
-           'model_for', 'nbs_dir', 'data_dir', 'user_cache', 'cache_dir', 'data_options', 'error_log']
+           'REGISTER_LIMIT', 'WORKDIR', 'Step', 'SWEPT', 'TRY', 'THREADS', 'FLAGS', 'FEW', 'Config', 'flag',
+           'config_error', 'ConfigError', 'checked', 'one_line', 'model_for', 'nbs_dir', 'data_dir', 'user_cache',
+           'cache_dir', 'add_options', 'takes_options', 'error_log']
 
 # %% ../nbs/08_config.ipynb #cd37b212
 STEPS = ("download", "preprocess", "train", "evaluate", "register")  # the step notebooks, in order
@@ -26,34 +27,51 @@ ARTIFACTS = "mlartifacts"  # its artifacts, the same folder `mlflow server` serv
 PREFECT_HOME = "prefect_home"  # Prefect's home (in the work folder), as the lab sets it
 STATE = ".fruitflow"  # in the work folder: the pid files and logs of `fruitflow up`'s servers, the warm kernel's offer
 KERNEL = "python3"  # the Jupyter kernel that runs the notebooks
-REGISTER_LIMIT = "fruitflow-register"  # Prefect's global concurrency limit (1 slot) that `fruitflow deploy` makes: one promotion at a time on a shared server
+REGISTER_LIMIT = "fruitflow-register"  # Prefect's global concurrency limit (1 slot) that `fruitflow deploy` makes: one promotion at a time
 WORKDIR = "FRUITFLOW_WORKDIR"  # the work folder of a run that names none (""): `fruitflow worker` sets it for its flow runs
 Step = Literal["", "download", "preprocess", "train", "evaluate", "register"]  # a step's name, or none
+SWEPT = ("learning_rate", "augment", "width", "epochs", "image_size", "synthetic")  # the run options `fruitflow sweep` tries several values of
+TRY = dict(learning_rate=(1e-3, 3e-3), augment=(0.5, 1.0))  # the values a sweep tries unless told; the other options: their default alone
+THREADS = "prefect.task_runners.ThreadPoolTaskRunner"  # the Prefect task runner of a sweep's trials unless told
 
 class Config(BaseModel):
-    "Everything one pipeline run needs; frozen, and unknown options are errors."
+    "Every option of one pipeline run, each declared once: its type, default, bounds and help. Frozen; unknown options are errors."
     model_config = ConfigDict(frozen=True, extra="forbid")
-    source: str = "auto"  # auto | github | synthetic | a class folder | a .zip/.tar.gz path or URL
-    epochs: int = Field(10, ge=1, le=10_000)  # most training epochs
-    batch_size: int = Field(8, ge=1, le=4096)  # images per step
-    image_size: int = Field(96, ge=16, le=1024)  # side of the square images (the lab: 150; 96 cross-validates the same, 1.7× faster)
-    learning_rate: float = Field(1e-3, gt=0, le=1)  # Adam's step size
-    model_kind: Literal["auto", "small", "lab", "efficientnet"] = "auto"  # auto: `model_for` the data; pretrained EfficientNet-Lite0, a small CNN, or the lab's architecture
-    synthetic: int = Field(40, ge=0, le=100_000)  # synthetic photos per class mixed into training (apples and oranges only)
-    seed: int = Field(42, ge=0)  # seed of data, split and training
-    n_per_class: int = Field(10, ge=1, le=1_000_000)  # lab images (N = 1..n) or synthetic images per class
-    experiment: str = Field(EXPERIMENT, min_length=1)  # MLflow experiment
-    model_name: str = Field(MODEL_NAME, min_length=1, pattern=r"^[\w.-]+$")  # registered model
-    min_accuracy: float = Field(0.5, ge=0, le=1)  # a champion's lowest test accuracy
-    min_test_images: int = Field(10, ge=0)  # a test accuracy on fewer images never makes a champion
-    base_url: str = GITHUB  # where the lab's images are
-    workdir: Path = Path(".")  # where data/, runs/, mlflow.db and mlartifacts/ live; "" means $FRUITFLOW_WORKDIR, else here
-    tracking_uri: str = ""  # MLflow; "" means $MLFLOW_TRACKING_URI or the embedded store
-    step_timeout: int = Field(3600, ge=1)  # seconds one notebook cell may run
-    kernel_per_step: bool = False  # each step in a kernel of its own; by default the steps share one, their names cleared between them
-    resume: str = ""  # a run folder to continue ("" starts a new run)
-    from_step: Step = ""  # when resuming, rerun from this step on
-    only: Step = ""  # when resuming, rerun this step alone
+    source: str = Field("auto", description="auto (the lab's images, else synthetic), github, synthetic, "
+                                            "a folder with one sub-folder per class, or a .zip/.tar.gz path or URL")
+    epochs: int = Field(10, ge=1, le=10_000, description="most training epochs (early stopping may end sooner)")
+    batch_size: int = Field(8, ge=1, le=4096, description="images per training step")
+    image_size: int = Field(96, ge=16, le=1024, description="side of the square images (the lab used 150; 96 cross-validates the same, 1.7x faster)")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam's step size")
+    model_kind: Literal["auto", "small", "lab", "efficientnet"] = Field(
+        "auto", description="auto (efficientnet, or small on synthetic photos), efficientnet (EfficientNet-Lite0 with ImageNet weights, "
+                            "offline), small (a small CNN) or lab (the lab's architecture)")
+    width: int = Field(16, ge=1, le=512, description="filters of the small CNN's first block (each next block doubles them)")
+    augment: float = Field(1.0, ge=0, le=3, description="strength of the small CNN's data augmentation (0: none)")
+    patience: int = Field(5, ge=1, le=10_000, description="epochs without a better validation loss before training stops")
+    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description="bfloat16: computed in bfloat16 (the saved model is float32); "
+                                                                                "auto: bfloat16 where the CPU has it, but float32 for efficientnet")
+    synthetic: int = Field(40, ge=0, le=100_000, description="synthetic photos per class mixed into the training split, apples and oranges only "
+                                                             "(0: none)")
+    seed: int = Field(42, ge=0, description="seed of data, split and training")
+    n_per_class: int = Field(10, ge=1, le=1_000_000, description="lab images (N = 1..n) or synthetic images per class")
+    val_ratio: float = Field(0.2, ge=0, le=0.5, description="share of each class kept for validation")
+    test_ratio: float = Field(0.1, ge=0, le=0.5, description="share of each class kept for the test")
+    experiment: str = Field(EXPERIMENT, min_length=1, description="MLflow experiment")
+    model_name: str = Field(MODEL_NAME, min_length=1, pattern=r"^[\w.-]+$", description="registered model name")
+    min_accuracy: float = Field(0.5, ge=0, le=1, description="lowest test accuracy of a champion")
+    min_test_images: int = Field(10, ge=0, description="fewest test images a champion's accuracy is measured on (fewer: cross-validated "
+                                                       "or drawn evidence; 0: no such check)")
+    base_url: str = Field(GITHUB, description="where the lab's images are")
+    workdir: Path = Field("", validate_default=True, description="folder of data/, runs/, mlflow.db, mlartifacts/, prefect_home/ "
+                                                                 "(\"\": $FRUITFLOW_WORKDIR, else here)")
+    tracking_uri: str = Field("", description="MLflow tracking URI (\"\": $MLFLOW_TRACKING_URI, `fruitflow up`'s server, else the embedded store)")
+    step_timeout: int = Field(3600, ge=1, description="seconds one notebook cell may run")
+    kernel_per_step: bool = Field(False, description="run each step in a Jupyter kernel of its own, started by papermill (default: the steps share "
+                                                     "one, started ahead, its names cleared between steps)")
+    resume: str = Field("", description="continue a run (the latest; or its folder, or the start of its MLflow run id): unchanged steps are reused")
+    from_step: Step = Field("", description="resume, rerunning from this step on")
+    only: Step = Field("", description="resume, rerunning only this step")
 
     @field_validator("source")
     @classmethod
@@ -76,11 +94,16 @@ class Config(BaseModel):
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{db}"
 
 # %% ../nbs/08_config.ipynb #a3b749ac
-def config_error(e: ValidationError, names: dict|None = None) -> str:
-    "The first error of `e` in one line: `--option: message`, with `names` mapping a field to its option where they differ."
+FLAGS = {"model_kind": "model", "from_step": "from"}  # the run options whose command-line flag is not their name's
+
+def flag(name: str) -> str:
+    "The command-line flag of run option `name`: `--batch-size` for batch_size, `--model` for model_kind."
+    return "--" + FLAGS.get(name, name.replace("_", "-"))
+
+def config_error(e: ValidationError) -> str:
+    "The first error of `e` in one line: `--option: message`."
     err = e.errors()[0]
-    field = str(err["loc"][0]) if err["loc"] else "?"
-    return f"--{(names or {}).get(field, field.replace('_', '-'))}: {err['msg'].removeprefix('Value error, ')}"
+    return f"{flag(str(err['loc'][0])) if err['loc'] else '?'}: {err['msg'].removeprefix('Value error, ')}"
 
 class ConfigError(ValueError):
     "A run option with a bad value; the message is one line naming it."
@@ -88,7 +111,7 @@ class ConfigError(ValueError):
 def checked(**options) -> Config:
     "The `Config` of `options`; a bad value is a `ConfigError` of one line."
     try: return Config(**options)
-    except ValidationError as e: raise ConfigError(config_error(e, {"model_kind": "model"})) from None
+    except ValidationError as e: raise ConfigError(config_error(e)) from None
 
 def one_line(e: BaseException, limit: int|None = None) -> str:
     "`e` in one line: its type and the first line of its message (at most `limit` characters of it)."
@@ -125,20 +148,26 @@ def cache_dir(workdir: Path) -> Path:
     except RuntimeError: return data_dir(workdir)/".cache"  # Path.home() found none
 
 # %% ../nbs/08_config.ipynb #551ba168
-def data_options(p: argparse.ArgumentParser):
-    "Add the options `run` shares with other commands (`sweep`): data, model, registry, limits, work folder."
-    p.add_argument("--source", default="auto", help="auto (default: the lab's images, else synthetic), github, synthetic, a folder with one sub-folder per class, or a .zip/.tar.gz path or URL")
-    p.add_argument("--batch-size", type=int, default=8, help="images per training step (default 8)")
-    p.add_argument("--model", dest="model_kind", default="auto", help="auto (default: efficientnet, or small on synthetic photos), efficientnet (EfficientNet-Lite0 with ImageNet weights, offline), small (a small CNN) or lab (the lab's architecture)")
-    p.add_argument("--seed", type=int, default=42, help="seed of data, split and training (default 42)")
-    p.add_argument("--n-per-class", type=int, default=10, help="lab images (N = 1..n) or synthetic images per class (default 10)")
-    p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
-    p.add_argument("--model-name", default=MODEL_NAME, help=f"registered model name (default {MODEL_NAME})")
-    p.add_argument("--min-accuracy", type=float, default=0.5, help="lowest test accuracy of a champion (default 0.5)")
-    p.add_argument("--min-test-images", type=int, default=10, help="fewest test images a champion's accuracy is measured on (default 10)")
-    p.add_argument("--base-url", default=GITHUB, help="where the lab's images are")
-    p.add_argument("--step-timeout", type=int, default=3600, help="seconds one notebook cell may run (default 3600)")
-    p.add_argument("--workdir", default=".", help="folder of data/, runs/, mlflow.db, mlartifacts/ (default: here)")
+def add_options(p: argparse.ArgumentParser,
+                names: tuple[str, ...] = (),  # the run options to add (default: all)
+               ):
+    "Add run options to the parser `p`, each with the flag, type, choices, default and help that `Config` declares for it."
+    for name, f in Config.model_fields.items():
+        if names and name not in names: continue
+        kw = dict(dest=name, default=f.default, help=f.description + (f" (default {f.default})" if f.default not in ("", False) else ""))
+        if f.annotation is bool: kw["action"] = "store_true"
+        elif get_origin(f.annotation) is Literal: kw["choices"] = [c for c in get_args(f.annotation) if c]
+        elif f.annotation in (int, float): kw["type"] = f.annotation
+        if name == "resume": kw |= dict(nargs="?", const="latest", metavar="RUN")  # --resume alone: the latest run
+        p.add_argument(flag(name), **kw)
+
+def takes_options(fn: Callable) -> Callable:
+    "Give `fn(**options)` a keyword parameter for each run option, with the type, default and help `Config` declares: a Prefect flow's parameters."
+    ps = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=str if f.annotation is Path else f.annotation)
+          for n, f in Config.model_fields.items()]
+    fn.__signature__ = inspect.Signature(ps, return_annotation=inspect.signature(fn).return_annotation)
+    fn.__doc__ = f"{fn.__doc__}\n\nArgs:\n" + "".join(f"    {n}: {f.description}\n" for n, f in Config.model_fields.items())  # Prefect's form shows them
+    return fn
 
 def error_log(workdir: Path, e: BaseException) -> Path:
     "Write `e`'s traceback to the work folder's `.fruitflow/error.log`; its path."

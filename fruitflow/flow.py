@@ -5,16 +5,17 @@
 # %% ../nbs/10_flow.ipynb #bdd7e8b3
 from __future__ import annotations
 import contextlib, time
-from typing import Literal
-from prefect import flow, task
+from functools import partial
+from prefect import Flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from . import notebooks, tracking
-from .config import EXPERIMENT, MODEL_NAME, REGISTER_LIMIT, STEPS, NOTEBOOKS, Config, Step, cache_dir, checked, data_dir, model_for
-from .download import GITHUB
+from .config import REGISTER_LIMIT, STEPS, NOTEBOOKS, Config, cache_dir, checked, data_dir, takes_options
+from .prepare import prepared
+from .state import resume_config
 
 # %% auto #0
-__all__ = ['run_step', 'promotion_slot', 'step', 'pipeline']
+__all__ = ['run_step', 'promotion_slot', 'step', 'PreparedFlow', 'pipeline']
 
 # %% ../nbs/10_flow.ipynb #7100a93f
 @task(task_run_name="{name}", cache_policy=NO_CACHE)
@@ -47,46 +48,27 @@ def step(name: str, params: dict, run: tracking.Run, kernel: notebooks.Kernel|No
     return got
 
 # %% ../nbs/10_flow.ipynb #084beb7b
-@flow(name="fruitflow")
-def pipeline(source: str = "auto",  # auto | github | synthetic | a class folder | a .zip/.tar.gz path or URL
-             epochs: int = 10,  # most training epochs
-             batch_size: int = 8,  # images per step
-             image_size: int = 96,  # side of the square images
-             learning_rate: float = 1e-3,  # Adam's step size
-             model_kind: Literal["auto", "small", "lab", "efficientnet"] = "auto",  # auto: EfficientNet-Lite0 on photos, the small CNN on drawn ones
-             synthetic: int = 40,  # synthetic photos per class mixed into training
-             seed: int = 42,  # seed of data, split and training
-             n_per_class: int = 10,  # lab images (N = 1..n) or synthetic images per class
-             experiment: str = EXPERIMENT,  # MLflow experiment
-             model_name: str = MODEL_NAME,  # registered model
-             min_accuracy: float = 0.5,  # a champion's lowest test accuracy
-             min_test_images: int = 10,  # fewest test images a champion's accuracy is measured on
-             base_url: str = GITHUB,  # where the lab's images are
-             workdir: str = "",  # where data/, runs/, mlflow.db and mlartifacts/ live ("": $FRUITFLOW_WORKDIR, else here)
-             tracking_uri: str = "",  # MLflow ("": $MLFLOW_TRACKING_URI or the embedded store)
-             step_timeout: int = 3600,  # seconds one notebook cell may run
-             kernel_per_step: bool = False,  # each step in a kernel of its own
-             resume: str = "",  # a run folder to continue
-             from_step: Step = "",  # when resuming, rerun from this step on
-             only: Step = "",  # when resuming, rerun this step alone
-            ) -> dict:
+class PreparedFlow(Flow):
+    "A Prefect flow that, called from Python or a notebook, first prepares its run as `fruitflow run` does (`prepare.prepared`)."
+    def __call__(self, *args, **kwargs):
+        with prepared(checked(**{k: v for k, v in kwargs.items() if k in Config.model_fields})): return super().__call__(*args, **kwargs)
+
+@partial(PreparedFlow, name="fruitflow")  # Prefect's `@flow`, prepared when called (a worker's flow run is prepared by `fruitflow worker`)
+@takes_options  # its parameters are the run options, declared once, in `Config`
+def pipeline(**options) -> dict:
     "download → preprocess → train → evaluate → register, in one MLflow run; what the steps glued."
-    cfg = checked(**locals())  # a bad value is one line, before anything starts
-    got = {}
+    cfg = checked(**options)  # a bad value is one line, before anything starts
+    if cfg.resume or cfg.from_step or cfg.only: cfg = resume_config(cfg)  # the options the run was started with
+    opts, got = partial(notebooks.step_options, cfg=cfg), {}  # each step gets the run options its notebook declares
     with tracking.pipeline_run(cfg) as run, notebooks.shared_kernel(cfg.workdir, cfg.kernel_per_step) as kernel:
-        got |= step("download", dict(source=cfg.source, data_root=str(data_dir(cfg.workdir)), manifest_path=str(run.dir/"manifest.csv"),
-                                     base_url=cfg.base_url, n_per_class=cfg.n_per_class, seed=cfg.seed), run, kernel)
-        got |= step("preprocess", dict(manifest_path=str(run.dir/"manifest.csv"), out_dir=str(run.dir/"split"),
-                                       image_size=cfg.image_size, seed=cfg.seed), run, kernel)
-        got |= step("train", dict(split_dir=got["split_dir"], model_path=str(run.dir/"model"/"model.keras"),
-                                  model_kind=model_for(cfg.model_kind, got["data_source"]),
-                                  epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed,
-                                  synthetic=cfg.synthetic, cache_dir=str(cache_dir(cfg.workdir))), run, kernel)
-        got |= step("evaluate", dict(split_dir=got["split_dir"], model_path=got["model_path"], out_dir=str(run.dir/"evaluation"),
-                                     batch_size=cfg.batch_size, data_source=got["data_source"], min_test_images=cfg.min_test_images), run, kernel)
+        got |= step("download", opts("download") | dict(data_root=str(data_dir(cfg.workdir)), manifest_path=str(run.dir/"manifest.csv")), run, kernel)
+        got |= step("preprocess", opts("preprocess") | dict(manifest_path=str(run.dir/"manifest.csv"), out_dir=str(run.dir/"split")), run, kernel)
+        got |= step("train", opts("train") | dict(split_dir=got["split_dir"], model_path=str(run.dir/"model"/"model.keras"),
+                                                  data_source=got["data_source"], cache_dir=str(cache_dir(cfg.workdir))), run, kernel)
+        got |= step("evaluate", opts("evaluate") | dict(split_dir=got["split_dir"], model_path=got["model_path"], out_dir=str(run.dir/"evaluation"),
+                                                        data_source=got["data_source"]), run, kernel)
         with promotion_slot():  # runs on other workers wait: `champion` moves by one promotion at a time
-            got |= step("register", dict(model_uri=got["model_uri"], model_name=cfg.model_name, test_accuracy=float(got["test_accuracy"]),
-                                         data_source=got["data_source"], min_accuracy=cfg.min_accuracy,
-                                         n_test=int(got["n_test"]), min_test_images=cfg.min_test_images,
-                                         evidence={k: v for k, v in got.items() if k.startswith("evidence")}), run, kernel)
+            got |= step("register", opts("register") | dict(model_uri=got["model_uri"], test_accuracy=float(got["test_accuracy"]),
+                                                            data_source=got["data_source"], n_test=int(got["n_test"]),
+                                                            evidence={k: v for k, v in got.items() if k.startswith("evidence")}), run, kernel)
     return got | {"run_id": run.id, "run_dir": str(run.dir)}

@@ -4,23 +4,31 @@
 
 # %% ../nbs/09_notebooks.ipynb #6c6e29d8
 from __future__ import annotations
-import ast, concurrent.futures, contextlib, os, re, threading
+import ast, concurrent.futures, contextlib, contextvars, functools, os, re, threading
 from pathlib import Path
 from typing import Callable
 from jupyter_client.manager import KernelManager
-from .config import KERNEL, NOTEBOOKS, STEPS, nbs_dir
+from .config import KERNEL, NOTEBOOKS, STEPS, Config, nbs_dir
 
 # %% auto #0
-__all__ = ['NO_OUTPUT_CACHE', 'check_params', 'step_notebook', 'step_modules', 'StepKernelManager', 'Kernel', 'start_ahead',
-           'shared_kernel', 'StepFailed', 'execute']
+__all__ = ['NO_OUTPUT_CACHE', 'parameters', 'step_options', 'check_params', 'step_notebook', 'step_modules', 'StepKernelManager',
+           'Kernel', 'start_ahead', 'shared_kernel', 'StepFailed', 'execute']
 
 # %% ../nbs/09_notebooks.ipynb #08637688
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
+def parameters(step: str) -> dict:
+    "The parameters the `parameters` cell of step `step`'s notebook declares: name → papermill's description (default, type, help)."
+    import papermill as pm
+    return pm.inspect_notebook(str(nbs_dir()/NOTEBOOKS[step]))
+
+def step_options(step: str, cfg: Config) -> dict:
+    "The run options of `cfg` that step `step` takes: those its notebook's `parameters` cell names, by name (`Config` declares each once)."
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k in parameters(step)}
+
 def check_params(step: str, params: dict) -> None:
     "Raise if `params` names a parameter the step's notebook lacks, or has a value of the wrong type."
-    import papermill as pm
-    declared = pm.inspect_notebook(str(nbs_dir()/NOTEBOOKS[step]))
+    declared = parameters(step)
     for k, v in params.items():
         if k not in declared: raise ValueError(f"step {step!r} has no parameter {k!r} (it has: {', '.join(declared)})")
         want = _TYPES.get(declared[k]["inferred_type_name"])
@@ -212,8 +220,9 @@ def execute(step: str,  # one of STEPS
     check_params(step, params)
     out, failed = Path(run_dir)/NOTEBOOKS[step], None
     km = (kernel.take(timeout) if kernel else None) or StepKernelManager(output=Path(run_dir)/"kernels.log")  # papermill starts the kernel of a manager that has none
+    echo = _Echo(functools.partial(contextvars.copy_context().run, log))  # `log` is called from papermill's thread as from here (a flow's settings)
     def run(): pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(workdir),
-                                   progress_bar=False, stdout_file=_Echo(log), execution_timeout=timeout, km=km)
+                                   progress_bar=False, stdout_file=echo, execution_timeout=timeout, km=km)
     shared = kernel is not None and km is kernel.km
     try:
         ran = _in_thread(run)

@@ -227,8 +227,9 @@ def add_parsers(sub) -> None:
 # %% ../nbs/13_servers.ipynb #1dedad3b
 def env_defaults(workdir: Path):
     "Set fruitflow's defaults for Prefect, TensorFlow and MLflow where the user set nothing; servers `up` started over `workdir` are used."
+    import fruitflow
+    if not fruitflow.PREFECT_HOME_CHOSEN: os.environ["PREFECT_HOME"] = str(Path(workdir).resolve()/PREFECT_HOME)  # the work folder's, not ~/.prefect
     for k, v in {**env_from_servers(workdir),  # PREFECT_API_URL, MLFLOW_TRACKING_URI of running dashboards
-                 "PREFECT_HOME": str(Path(workdir).resolve()/PREFECT_HOME),
                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                  "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # the console gets fruitflow's lines; the API everything

@@ -4,28 +4,28 @@
 
 # %% ../nbs/15_sweep.ipynb #f848aaed
 from __future__ import annotations
-import contextlib, contextvars, datetime, importlib, inspect, itertools, json, os, random, signal, socket, sys, time
+import datetime, importlib, inspect, itertools, os, random, socket, time
 from pathlib import Path
 from typing import Annotated, Literal
-from pydantic import BaseModel, ConfigDict, Field
-from .config import FEW, NOTEBOOKS, Config, cache_dir, data_dir, data_options, error_log, model_for, one_line
+from prefect import flow, runtime, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from .config import FEW, NOTEBOOKS, SWEPT, THREADS, TRY, Config, cache_dir, data_dir, model_for, one_line
+from .notebooks import Kernel, StepFailed, execute, step_options
+from .prepare import prepared
 
 # %% auto #0
-__all__ = ['THREADS', 'PARAMS', 'Space', 'SweepConfig', 'points', 'task_runner', 'best', 'SweepFailed', 'sweep_model', 'sweep',
-           'sweep_config', 'sweep_cmd', 'add_parsers']
+__all__ = ['Space', 'SweepConfig', 'points', 'task_runner', 'trial', 'best', 'SweepFailed', 'sweep_model', 'fetch',
+           'preprocess_at', 'search', 'sweep']
 
 # %% ../nbs/15_sweep.ipynb #8c10b9aa
-class Space(BaseModel):
-    "The values to try for each hyperparameter of a trial."
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    learning_rate: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field((1e-3, 3e-3), min_length=1)  # Adam's step sizes
-    augment: tuple[Annotated[float, Field(ge=0, le=3)], ...] = Field((0.5, 1.0), min_length=1)  # augmentation strengths
-    width: tuple[Annotated[int, Field(ge=1, le=512)], ...] = Field((16,), min_length=1)  # first-block filters
-    epochs: tuple[Annotated[int, Field(ge=1, le=10_000)], ...] = Field((10,), min_length=1)  # most epochs
-    image_size: tuple[Annotated[int, Field(ge=16, le=1024)], ...] = Field((96,), min_length=1)  # image sides
-    synthetic: tuple[Annotated[int, Field(ge=0, le=100_000)], ...] = Field((40,), min_length=1)  # synthetic photos a class mixed into training
+def _values(name: str):
+    "A field of `Space`: one or more values of run option `name`, each checked as `Config` checks the option."
+    f = Config.model_fields[name]
+    return (tuple[Annotated[(f.annotation, *f.metadata)], ...], Field(TRY.get(name, (f.default,)), min_length=1, description=f"{f.description}: the values to try"))
 
-THREADS = "prefect.task_runners.ThreadPoolTaskRunner"  # the default task runner
+Space = create_model("Space", __config__=ConfigDict(frozen=True, extra="forbid"), __doc__="The values to try for each hyperparameter of a trial.",
+                     **{p: _values(p) for p in SWEPT})
 
 class SweepConfig(BaseModel):
     "One hyperparameter search: the shared pipeline settings, the space, and how to walk it."
@@ -39,15 +39,13 @@ class SweepConfig(BaseModel):
     scheduler: str = ""  # address of a running Dask scheduler (tcp://HOST:PORT) the runner connects to ("": it starts its own cluster)
 
 # %% ../nbs/15_sweep.ipynb #75dfb924
-PARAMS = ("learning_rate", "augment", "width", "epochs", "image_size", "synthetic")  # what a trial sets
-
 def points(space: Space,  # the values to try
            strategy: str = "grid",  # grid | random
            trials: int = 0,  # grid: at most this many (0: all); random: how many (0: 4)
            seed: int = 42,  # seed of the random sample
           ) -> list[dict]:
     "The trials of a search over `space`, in the order they are submitted."
-    grid = [dict(zip(PARAMS, v)) for v in itertools.product(*(getattr(space, p) for p in PARAMS))]
+    grid = [dict(zip(SWEPT, v)) for v in itertools.product(*(getattr(space, p) for p in SWEPT))]
     if strategy == "grid": return grid[:trials or None]
     return random.Random(seed).sample(grid, min(trials or 4, len(grid)))
 
@@ -75,24 +73,24 @@ def _where() -> dict:
     "Tags naming the machine and process this runs in."
     return {"host": socket.gethostname(), "process_id": str(os.getpid())}
 
-def _trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent_id: str, experiment_id: str, uri: str) -> dict:
+@task(task_run_name="trial-{i:02d}", cache_policy=NO_CACHE)
+def trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent_id: str, experiment_id: str, uri: str) -> dict:
     "Train and evaluate one point of the space in a nested MLflow run; its metrics, or its error."
     from mlflow import MlflowClient
-    from fruitflow.notebooks import Kernel, StepFailed, execute
     from fruitflow.tracking import finish, notebook_recorder
-    client, name = MlflowClient(uri), f"trial-{i:02d}"
+    client, name, opts = MlflowClient(uri), f"trial-{i:02d}", run.model_copy(update=point)  # the shared options, the point's values replacing theirs
     rid = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "trial": str(i), **_where()}).info.run_id
     tdir, workdir = Path(run_dir)/name, Path(run.workdir).resolve()
     tdir.mkdir(parents=True)
     track, status, tags, what = dict(mlflow_run_id=rid, tracking_uri=uri), "FAILED", {}, f"{name} failed"
     print(f"[{name}] start: " + ", ".join(f"{k}={v}" for k, v in point.items()), flush=True)
     kernel = None if run.kernel_per_step else Kernel(workdir, tdir/"kernels.log", steps=("train", "evaluate"))  # shared, as a run's steps do
-    def step(s: str, params: dict) -> dict: return execute(s, params | track, tdir, workdir, kernel, run.step_timeout, record=notebook_recorder(client, rid, uri))
+    def step(s: str, params: dict) -> dict:  # as the pipeline runs it: the run options its notebook declares, and what this trial chose
+        return execute(s, step_options(s, opts) | params | track, tdir, workdir, kernel, run.step_timeout, record=notebook_recorder(client, rid, uri))
     try:
         client.log_param(rid, "image_size", point["image_size"])
-        got = step("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"), model_kind=run.model_kind, batch_size=run.batch_size,
-                                 seed=run.seed, cache_dir=str(cache_dir(workdir)), **{k: point[k] for k in PARAMS if k != "image_size"}))
-        got |= step("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"), batch_size=run.batch_size,
+        got = step("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"), cache_dir=str(cache_dir(workdir))))
+        got |= step("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"),
                                      min_test_images=0))  # trials are ranked on their val figures: no cross-validation each
         status, what = "FINISHED", f"{name} finished"
         print(f"[{name}] done: val accuracy {got.get('val_accuracy', float('nan')):.3f}, test accuracy {got['test_accuracy']:.3f}", flush=True)
@@ -138,20 +136,25 @@ def sweep_model(kind: str,  # the sweep's --model: auto, small, lab or efficient
                       f"changes, with no val figures to rank trials by; sweep --model small (or auto), or a source of at least {FEW} training images")
 
 # %% ../nbs/15_sweep.ipynb #e8ea449e
-def _preprocess(size: int, run: Config, run_dir: str, uri: str) -> dict:
-    "Preprocess the downloaded images at `size` pixels into `run_dir/data-<size>/split`."
-    from fruitflow.notebooks import execute
+@task(name="download", cache_policy=NO_CACHE)
+def fetch(run: Config, run_dir: Path, parent_id: str, uri: str, record) -> dict:
+    "The pipeline's download step, once for all trials, into `run_dir`."
+    params = step_options("download", run) | dict(data_root=str(data_dir(run.workdir)), manifest_path=str(run_dir/"manifest.csv"),
+                                                   mlflow_run_id=parent_id, tracking_uri=uri)
+    return execute("download", params, run_dir, Path(run.workdir).resolve(), None, run.step_timeout, record=record)
+
+@task(name="preprocess", task_run_name="preprocess-{size}", cache_policy=NO_CACHE)
+def preprocess_at(size: int, run: Config, run_dir: str) -> dict:
+    "The pipeline's preprocess step at `size` pixels, into `run_dir/data-<size>/split`."
     d = Path(run_dir)/f"data-{size}"; d.mkdir(parents=True, exist_ok=True)
-    params = dict(manifest_path=str(Path(run_dir)/"manifest.csv"), out_dir=str(d/"split"), image_size=size, seed=run.seed)
+    params = step_options("preprocess", run.model_copy(update=dict(image_size=size))) | dict(manifest_path=str(Path(run_dir)/"manifest.csv"),
+                                                                                             out_dir=str(d/"split"))
     return execute("preprocess", params, d, Path(run.workdir).resolve(), None, run.step_timeout)
 
-def _sweep(cfg: SweepConfig) -> dict:
-    "Download, preprocess per image size, run the trials in parallel, register the best; see `sweep`."
+@flow(name="fruitflow-sweep")
+def search(cfg: SweepConfig) -> dict:
+    "Download, preprocess per image size, run the trials in parallel through the flow's task runner, register the best; see `sweep`."
     import mlflow
-    from mlflow import MlflowClient
-    from prefect import task, runtime
-    from prefect.cache_policies import NO_CACHE
-    from fruitflow.notebooks import execute
     from fruitflow.tracking import experiment_id, finish, mlflow_client, notebook_recorder
     from fruitflow.register import register
     run, todo = cfg.run, points(cfg.space, cfg.strategy, cfg.trials, cfg.run.seed)
@@ -167,14 +170,10 @@ def _sweep(cfg: SweepConfig) -> dict:
     print(f"MLflow run {pid} ({uri}), {len(todo)} trials ({cfg.strategy}), notebooks in {run_dir}", flush=True)
     status, what, tags, t0 = "FAILED", "the sweep failed", {}, time.monotonic()
     try:
-        params = dict(source=run.source, data_root=str(data_dir(run.workdir)), manifest_path=str(run_dir/"manifest.csv"), base_url=run.base_url,
-                      n_per_class=run.n_per_class, seed=run.seed, mlflow_run_id=pid, tracking_uri=uri)
-        got = task(execute, name="download", cache_policy=NO_CACHE)("download", params, run_dir, Path(run.workdir).resolve(), None, run.step_timeout,
-                                                                    record=notebook_recorder(client, pid, uri))
+        got = fetch(run, run_dir, pid, uri, notebook_recorder(client, pid, uri))
         print(f"download done in {time.monotonic() - t0:.1f} s", flush=True)
         sizes = sorted({p["image_size"] for p in todo})
-        prep = task(_preprocess, name="preprocess", task_run_name="preprocess-{size}", cache_policy=NO_CACHE)
-        prepped = dict(zip(sizes, (f.result() for f in [prep.submit(s, run, str(run_dir), uri) for s in sizes])))
+        prepped = dict(zip(sizes, (f.result() for f in [preprocess_at.submit(s, run, str(run_dir)) for s in sizes])))
         splits, n_train = {s: r["split_dir"] for s, r in prepped.items()}, min(r["n_train"] for r in prepped.values())
         run = run.model_copy(update=dict(model_kind=sweep_model(run.model_kind, got["data_source"], n_train)))  # auto: by the data downloaded
         if run.model_kind != model_for(cfg.run.model_kind, got["data_source"]):
@@ -184,7 +183,6 @@ def _sweep(cfg: SweepConfig) -> dict:
             client.log_artifact(pid, str(Path(splits[s])/"split.json"), f"data/{s}")
             client.log_artifact(pid, str(run_dir/f"data-{s}"/NOTEBOOKS["preprocess"]), f"notebooks/preprocess-{s}")
         print(f"preprocess done for image sizes {sizes} in {time.monotonic() - t0:.1f} s", flush=True)
-        trial = task(_trial, name="trial", task_run_name="trial-{i:02d}", cache_policy=NO_CACHE)
         futures = [trial.submit(i, p, run, splits[p["image_size"]], str(run_dir), pid, exp, uri) for i, p in enumerate(todo, 1)]
         results = [f.result() for f in futures]
         client.log_dict(pid, results, "sweep/trials.json")
@@ -211,84 +209,9 @@ def _sweep(cfg: SweepConfig) -> dict:
     finally: finish(client, dict(run_id=pid, tracking_uri=uri, status=status, tags=tags, undo={}), run_dir, what)  # with the server gone: kept for `settle`
 
 def sweep(cfg: SweepConfig) -> dict:
-    "Run the hyperparameter search `cfg` as a Prefect flow with its task runner, on one Prefect server; return the trials and the registration."
-    from prefect import flow
-    from prefect.settings import get_current_settings, temporary_settings
-    from fruitflow.servers import TemporaryPrefectServer, quiet_heartbeats
+    "Run the hyperparameter search `cfg` (the `search` flow, with its task runner), prepared as a pipeline run is; the trials and the registration."
+    from prefect.settings import get_current_settings
     runner = task_runner(cfg.task_runner, cfg.workers, cfg.scheduler)  # an unknown runner fails before anything starts
-    api = get_current_settings().api.url
-    # a temporary server is stopped at exit (`atexit`), once Prefect's log and event workers have drained to it
-    server = None if api else TemporaryPrefectServer(get_current_settings().home)
-    if server: os.environ["PREFECT_API_URL"] = api = server.wait()  # which the worker processes of a runner such as Dask's inherit
-    with temporary_settings(updates={"api.url": api}), quiet_heartbeats():
-        return flow(_sweep, name="fruitflow-sweep", task_runner=runner, validate_parameters=False)(cfg)
-
-# %% ../nbs/15_sweep.ipynb #8820b07c
-_SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "experiment", "model_name", "min_accuracy", "min_test_images", "base_url", "step_timeout", "workdir")
-
-def sweep_config(args: argparse.Namespace) -> SweepConfig:
-    "The sweep's `SweepConfig` from parsed options; a bad value exits with one line and code 2."
-    from pydantic import ValidationError
-    a = vars(args) | {"workdir": str(Path(args.workdir).resolve())}  # trials may run in processes started elsewhere (a Dask cluster's workers)
-    def build(cls, names, **extra):
-        try: return cls(**{k: a[k] for k in names}, **extra)
-        except ValidationError as e:
-            err = e.errors()[0]
-            print(f"fruitflow sweep: error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')} (see fruitflow sweep --help)", file=sys.stderr)
-            sys.exit(2)
-    return build(SweepConfig, ("strategy", "trials", "workers", "task_runner", "scheduler"), run=build(Config, _SHARED), space=build(Space, PARAMS))
-
-def _table(results: list[dict]) -> str:
-    "The trials as a fixed-width table."
-    rows = [f"{'trial':>5} {'lr':>8} {'augment':>7} {'width':>5} {'epochs':>6} {'size':>4} {'synth':>5} {'val acc':>7} {'test acc':>8}"]
-    for r in results:
-        figs = f"{r.get('val_accuracy', float('nan')):>7.3f} {r['test_accuracy']:>8.3f}" if r["ok"] else f"{'failed':>16}"
-        rows.append(f"{r['trial']:>5} {r['learning_rate']:>8.2g} {r['augment']:>7.2f} {r['width']:>5} {r['epochs']:>6} {r['image_size']:>4} {r['synthetic']:>5} {figs}")
-    return "\n".join(rows)
-
-def sweep_cmd(args: argparse.Namespace) -> int:
-    "`fruitflow sweep`: a hyperparameter search."
-    cfg = sweep_config(args)
-    from fruitflow.servers import env_defaults
-    env_defaults(cfg.run.workdir)  # before anything imports Prefect, which reads its settings (PREFECT_HOME) once, at import
-    try: task_runner(cfg.task_runner, cfg.workers, cfg.scheduler)
-    except ValueError as e:
-        print(f"fruitflow sweep: error: --task-runner: {e}", file=sys.stderr)
-        return 2
-    from fruitflow.notebooks import StepFailed
-    from fruitflow.tracking import TrackingLost, interrupt_on_signals, settle
-    for line in settle(cfg.run.workdir): print(line)  # endings kept while a server was away
-    interrupt_on_signals()
-    try: out = sweep(cfg)
-    except (StepFailed, SweepFailed, TrackingLost) as e:
-        print(f"fruitflow sweep: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fruitflow sweep: interrupted; the MLflow runs are marked KILLED or FAILED", file=sys.stderr)
-        return 130
-    except Exception as e:  # Prefect or MLflow themselves: the details go to a log
-        log = error_log(cfg.run.workdir, e)
-        print(f"fruitflow sweep: error: {one_line(e)} (details in {log})", file=sys.stderr)
-        return 1
-    print(_table(out["trials"]))
-    print(f"MLflow run {out['run_id']}: best trial {out['best']['trial']} (val accuracy {out['best'].get('val_accuracy', float('nan')):.3f}, "
-          f"test accuracy {out['best']['test_accuracy']:.3f}); registered {out['model_name']} version {out['version']} as @{out['alias']} ({out['reason']})")
-    return 0
-
-def add_parsers(sub):  # the `fruitflow` command's sub-parsers
-    "Add `fruitflow sweep`."
-    d = Space()
-    p = sub.add_parser("sweep", help="hyperparameter search: train and evaluate several configurations in parallel, register the best")
-    p.add_argument("--learning-rate", type=float, nargs="+", default=list(d.learning_rate), help=f"Adam step sizes to try (default {' '.join(map(str, d.learning_rate))})")
-    p.add_argument("--augment", type=float, nargs="+", default=list(d.augment), help=f"augmentation strengths to try, 0 for none (default {' '.join(map(str, d.augment))})")
-    p.add_argument("--width", type=int, nargs="+", default=list(d.width), help=f"first-block filters to try (default {' '.join(map(str, d.width))})")
-    p.add_argument("--epochs", type=int, nargs="+", default=list(d.epochs), help=f"most epochs to try (default {' '.join(map(str, d.epochs))})")
-    p.add_argument("--image-size", type=int, nargs="+", default=list(d.image_size), help=f"image sides to try, one preprocess each (default {' '.join(map(str, d.image_size))})")
-    p.add_argument("--synthetic", type=int, nargs="+", default=list(d.synthetic), help=f"synthetic photos a class mixed into training to try, 0 for none (default {' '.join(map(str, d.synthetic))})")
-    p.add_argument("--strategy", choices=("grid", "random"), default="grid", help="grid: every combination (default); random: a seeded sample of them")
-    p.add_argument("--trials", type=int, default=0, help="grid: at most this many trials (default 0: all); random: how many (default 0: 4)")
-    p.add_argument("--workers", type=int, default=2, help="trials running at once (default 2)")
-    p.add_argument("--task-runner", default=THREADS, help=f"dotted path of a Prefect task runner class (default {THREADS}; e.g. prefect_dask.DaskTaskRunner)")
-    p.add_argument("--scheduler", default="", metavar="ADDRESS", help="a running Dask scheduler (tcp://HOST:PORT) whose workers run the trials, with --task-runner prefect_dask.DaskTaskRunner (default: the runner starts its own cluster)")
-    data_options(p)
-    p.set_defaults(func=sweep_cmd)
+    with prepared(cfg.run, kernel=False):  # `fruitflow up`'s servers, else a temporary Prefect server in the work folder (stopped at exit)
+        os.environ.setdefault("PREFECT_API_URL", get_current_settings().api.url)  # which the worker processes of a runner such as Dask's inherit
+        return search.with_options(task_runner=runner)(cfg)

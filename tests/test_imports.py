@@ -64,6 +64,13 @@ def test_the_flow_is_deployable():
     assert props["epochs"]["default"] == 10 and props["model_kind"]["enum"] == ["auto", "small", "lab", "efficientnet"], props["model_kind"]
     assert pipeline.with_options(name="other").name == "other"
 
+def test_the_sweep_is_a_deployable_flow():
+    "`fruitflow sweep`'s flow is module-level too: a deployment of it carries the search's settings as its form."
+    from fruitflow.sweep import search
+    assert search.to_deployment(name="sweep").entrypoint == "fruitflow/sweep.py:search"  # found by path, as `pipeline` is
+    props = search.parameters.properties
+    assert list(props) == ["cfg"], props
+
 def test_jsonschema_skips_only_the_slow_iri_checker():
     "fruitflow marks `rfc3987_syntax` missing (fruitflow/__init__.py): Prefect's and nbformat's jsonschema still validates, without it."
     import subprocess, sys

@@ -89,7 +89,8 @@ def test_sweep_of_efficientnet_on_a_tiny_split_is_refused(tmp_path, prefect_api)
 def test_sweep_refuses_an_unknown_task_runner_in_one_line(tmp_path):
     p = sweep(*TINY, "--task-runner", "prefect_nosuch.DaskTaskRunner", workdir=tmp_path)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
-    assert "--task-runner" in p.stderr and "pip install prefect-nosuch" in p.stderr and not list(tmp_path.iterdir())
+    assert "--task-runner" in p.stderr and "pip install prefect-nosuch" in p.stderr
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["prefect_home"])  # nothing started: at most the home folder importing Prefect makes
 
 @pytest.mark.quick
 def test_crossval_gives_k_accuracies_per_seed(tmp_path):
