@@ -14,8 +14,10 @@ __all__ = ['run', 'next_steps', 'parser', 'config', 'main']
 # %% ../nbs/11_cli.ipynb #8553be0c
 def run(args) -> int:
     "`fruitflow run`: one pipeline execution, or the rest of one with --resume, --from or --only."
+    from fruitflow.notebooks import StepFailed
     from fruitflow.prepare import NotReady, prepared
     from fruitflow.state import ResumeError, resume_config
+    from fruitflow.tracking import ServerUnreachable, TrackingLost, interrupt_on_signals  # none of these imports Prefect
     cfg = config(args)
     if cfg.resume or cfg.from_step or cfg.only:
         try: cfg = resume_config(cfg)
@@ -25,8 +27,6 @@ def run(args) -> int:
     try:
         with prepared(cfg):  # the kernel and a temporary Prefect server start first, while Prefect and the flow are imported
             from fruitflow.flow import pipeline
-            from fruitflow.notebooks import StepFailed
-            from fruitflow.tracking import ServerUnreachable, TrackingLost, interrupt_on_signals
             interrupt_on_signals()
             got = pipeline(**cfg.model_dump(mode="json"))
     except NotReady as e:

@@ -56,7 +56,8 @@ def prepared(cfg: Config,
         mlflow_client(cfg.resolved_tracking_uri())  # a new embedded store is made (migrated) meanwhile
         for line in settle(wd): print(line)  # endings kept while a server was away
         from prefect.settings import temporary_settings
-        api = server.wait() if server else os.environ["PREFECT_API_URL"]
+        try: api = server.wait() if server else os.environ["PREFECT_API_URL"]
+        except RuntimeError: _servers.pop(home, None); raise  # the next call starts a new one
         if ours: os.environ["PREFECT_API_URL"] = api  # a new port if it had to start again
         with temporary_settings(updates={"api.url": api, "home": home}), quiet_heartbeats(): yield
     finally:
