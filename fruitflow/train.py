@@ -15,7 +15,7 @@ from .config import FEW
 # %% auto #0
 __all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZES', 'HEAD_L2', 'HEAD_RATE', 'HEAD_STEPS', 'load_split', 'split_info',
            'synthetic_images', 'augment_images', 'augmented', 'build_model', 'regression_head', 'bfloat16_native',
-           'train', 'warm_up', 'requirements', 'used_params']
+           'train', 'warm_up', 'requirements', 'used_params', 'EpochLog']
 
 # %% ../nbs/03_train.ipynb #1f20c8b9
 PIPELINE = tf.data.Options()
@@ -185,8 +185,9 @@ def regression_head(x: np.ndarray,  # features, one row per image
                     epochs: int,  # epochs of `HEAD_STEPS // epochs` full-batch steps
                     seed: int = 42,  # seed of the (full-batch) shuffle
                     class_weight: dict|None = None,  # as `train` weighs the classes
-                    batch_size: int = 8,  # only recorded, for autologging (the batches are full)
+                    batch_size: int = 8,  # only recorded (the batches are full)
                     verbose: int = 2,  # Keras' fit verbosity
+                    callbacks: list = (),  # Keras callbacks of the fit (`EpochLog` in a run)
                    ) -> tuple[keras.Model, dict]:
     "efficientnet's head on a tiny split: a softmax regression of `x` from zero weights, L2-penalised, fitted by Adam on every row at each step; the head and its history."
     f = keras.Input(x.shape[1:])
@@ -196,7 +197,7 @@ def regression_head(x: np.ndarray,  # features, one row per image
     head.compile(keras.optimizers.Adam(HEAD_RATE), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"], steps_per_execution=steps)
     batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(len(y))
     hist = head.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=verbose, batch_size=batch_size,
-                    shuffle=False, class_weight=class_weight).history
+                    shuffle=False, class_weight=class_weight, callbacks=list(callbacks)).history
     return head, hist
 
 def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a frozen backbone, its pooled features, a dropout and the softmax
@@ -213,14 +214,13 @@ def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a froze
     val = load_split(split_dir, "val", batch_size)
     val = (features.predict(val, verbose=0), np.concatenate([b[1].numpy() for b in val])) if has_val else None
     if tiny:  # a fresh softmax regression on every image; its weights then go to `model`'s
-        head, hist = regression_head(x, y, dense.units, epochs, seed, class_weight, len(y))  # its batch: all of them
+        head, hist = regression_head(x, y, dense.units, epochs, seed, class_weight, len(y), callbacks=callbacks)  # its batch: all of them
         dense.set_weights(head.layers[-1].get_weights())
         return hist
     f = keras.Input(x.shape[1:])
     head = keras.Model(f, dense(drop(f)))  # the very layers of `model`: training it trains them
     head.compile(model.optimizer, keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
-    # batch_size as `train` was given it, for autologging's record: another value than the run's parameter fails autologging
     hist = head.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2, batch_size=batch_size, shuffle=False,
                     validation_data=val, class_weight=class_weight, callbacks=callbacks).history
     return hist
@@ -249,6 +249,7 @@ def train(split_dir: Path,  # the split written by preprocess
           cache_dir: Path|None = None,  # where the synthetic photos are kept between runs (None: drawn each time)
           precision: str = "auto",  # float32 | bfloat16 (computed in bfloat16) | auto: bfloat16 where `bfloat16_native()`, but float32 for efficientnet; the saved model is float32
           features: str = "pooled",  # efficientnet's head learns from: pooled (its 1280 pooled features) | fruit (ImageNet's scores of its 10 fruit classes)
+          callbacks: list = (),  # Keras callbacks of the fit, besides early stopping (`EpochLog` in a run)
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
     if precision not in (*PRECISIONS, "auto"): raise ValueError(f"precision {precision!r}: expected {', '.join(PRECISIONS)} or auto")
@@ -274,9 +275,10 @@ def train(split_dir: Path,  # the split written by preprocess
     weights = {c: len(y) / (len(info["classes"]) * max(1, (y == c).sum())) for c in range(len(info["classes"]))}
     has_val = len(info["splits"]["val"]) > 0 and not tiny  # a tiny split's head learns from its val photos: nothing is left to stop on
     stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True, start_from_epoch=min_epochs)] if has_val else []
+    stop += list(callbacks)
     if model_kind == "efficientnet": hist = _fit_head(model, split_dir, batch_size, epochs, steps, seed, weights, stop, has_val, tiny)
     else:
-        # batch_size and shuffle=False are for autologging's record: the dataset batches and shuffles itself
+        # the dataset batches and shuffles itself
         batches = load_split(split_dir, "train", batch_size, shuffle=True, seed=seed, extra=extra).repeat()
         if small and augment > 0: batches = augmented(batches, augment, seed)  # lab: as the lab trained it, no augmentation
         hist = model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2,
@@ -323,10 +325,24 @@ def requirements() -> list[str]:
 def used_params(model_kind: str,  # small | lab | efficientnet
                 n_train: int,  # images in the training split
                 epochs: int, batch_size: int, learning_rate: float, width: int, augment: float, patience: int, synthetic: int,  # as `train` gets them
+                n_val: int = 0,  # images in the validation split
                ) -> dict:
     "The parameters a `train` of `model_kind` on `n_train` images uses, for the run's record (its kind and seed aside)."
-    if model_kind == "efficientnet" and n_train < FEW:  # the tiny-split head: its epochs and full batch are autologged
-        return dict(head="logistic regression", head_steps=HEAD_STEPS, head_learning_rate=HEAD_RATE, head_l2=HEAD_L2)
+    if model_kind == "efficientnet" and n_train < FEW:  # the tiny-split head: full batches of the train and val images
+        return dict(head="logistic regression", epochs=epochs, batch_size=n_train + n_val, head_steps=HEAD_STEPS, head_learning_rate=HEAD_RATE,
+                    head_l2=HEAD_L2)
     out = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=patience)
     if model_kind == "small": out |= dict(width=width, augment=augment)  # lab: its own layers, no augmentation
     return out | (dict(synthetic=synthetic) if model_kind != "efficientnet" else {})  # efficientnet mixes in no drawn photos
+
+# %% ../nbs/03_train.ipynb #7a8231f4
+class EpochLog(keras.callbacks.Callback):
+    "Log each epoch's figures (`loss`, `accuracy`, `val_loss`, ...) to the active MLflow run at the epoch's step, and the model's summary once."
+    def on_train_begin(self, logs=None):
+        import mlflow
+        lines = []
+        self.model.summary(print_fn=lambda line, *a, **kw: lines.append(line))
+        mlflow.log_text("\n".join(lines), "model_summary.txt")
+    def on_epoch_end(self, epoch, logs=None):
+        import mlflow
+        if logs: mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)
