@@ -6,7 +6,7 @@
 from __future__ import annotations
 import hashlib, json, os
 from pathlib import Path
-from .config import STEPS, Config
+from .config import STEPS, Config, flag
 from .download import file_sha256
 from .notebooks import step_notebook
 
@@ -101,7 +101,7 @@ def resume_config(cfg: Config) -> Config:
     run_dir = resumable(cfg.workdir, cfg.resume or "latest")
     stored, now, default = ADDED_LATER | load_state(run_dir)["config"], cfg.model_dump(mode="json"), Config().model_dump(mode="json")
     changed = [k for k in now if k not in KEEP_ON_RESUME and now[k] != default[k] and now[k] != stored.get(k)]
-    if changed: raise ResumeError(f"{run_dir.name} continues with the options it started with; start a new run to change {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    if changed: raise ResumeError(f"{run_dir.name} continues with the options it started with; start a new run to change {', '.join(map(flag, changed))}")
     stored = {k: v for k, v in stored.items() if k in Config.model_fields}  # options a newer fruitflow dropped (kernels_ahead)
     try: return Config(**stored | {k: now[k] for k in KEEP_ON_RESUME if now[k] != default[k]} | {"resume": str(run_dir)})
     except ValidationError as e: raise ResumeError(f"{run_dir.name} cannot be resumed: {e.errors()[0]['msg']}") from None
