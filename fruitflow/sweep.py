@@ -4,10 +4,10 @@
 
 # %% ../nbs/15_sweep.ipynb #f848aaed
 from __future__ import annotations
-import datetime, importlib, inspect, itertools, os, random, socket, time
+import importlib, inspect, itertools, os, random, socket, time
 from pathlib import Path
 from typing import Annotated, Literal
-from prefect import flow, runtime, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from .config import FEW, NOTEBOOKS, SWEPT, THREADS, TRY, Config, cache_dir, data_dir, model_for, one_line
@@ -155,15 +155,11 @@ def preprocess_at(size: int, run: Config, run_dir: str) -> dict:
 def search(cfg: SweepConfig) -> dict:
     "Download, preprocess per image size, run the trials in parallel through the flow's task runner, register the best; see `sweep`."
     import mlflow
-    from fruitflow.tracking import experiment_id, finish, mlflow_client, notebook_recorder
+    from fruitflow.tracking import experiment_id, finish, mlflow_client, new_run, notebook_recorder
     from fruitflow.register import register
     run, todo = cfg.run, points(cfg.space, cfg.strategy, cfg.trials, cfg.run.seed)
     uri = run.resolved_tracking_uri(); client = mlflow_client(uri); exp = experiment_id(client, run, uri)
-    pid = client.create_run(exp, run_name=f"sweep-{runtime.flow_run.name or 'fruitflow'}",
-                            tags={"prefect.flow_run_id": str(runtime.flow_run.id or ""), "source": run.source, "sweep": "true", **_where()}).info.run_id
-    run_dir = Path(run.workdir).resolve()/"runs"/f"{datetime.datetime.now():%Y%m%d-%H%M%S}-sweep-{pid[:8]}"
-    run_dir.mkdir(parents=True)
-    client.set_tag(pid, "run_dir", str(run_dir))
+    pid, run_dir = new_run(run, client, uri, "sweep", {"sweep": "true", **_where()})  # as a pipeline run's, in runs/<time>-sweep-<id>
     client.log_dict(pid, cfg.space.model_dump(), "sweep/space.json")
     for k, v in dict(strategy=cfg.strategy, n_trials=len(todo), workers=cfg.workers, task_runner=cfg.task_runner,
                      batch_size=run.batch_size, seed=run.seed).items(): client.log_param(pid, k, v)

@@ -12,7 +12,7 @@ from .state import OnlyDone, Progress, ResumeError
 
 # %% auto #0
 __all__ = ['PENDING', 'unreachable', 'ServerUnreachable', 'check_server', 'mlflow_client', 'experiment_id', 'TrackingLost',
-           'end_run', 'finish', 'settle', 'notebook_recorder', 'Run', 'pipeline_run', 'interrupt_on_signals']
+           'end_run', 'finish', 'settle', 'notebook_recorder', 'Run', 'new_run', 'pipeline_run', 'interrupt_on_signals']
 
 # %% ../nbs/17_tracking.ipynb #23aceafb
 def unreachable(uri: str, timeout: float = 5) -> str|None:
@@ -129,6 +129,20 @@ class Run:
         "Log the executed notebook `nb` to the run; why it could not be, None when it was."
         return notebook_recorder(self.client, self.id, self.uri)(nb)
 
+def new_run(cfg: Config, client, uri: str,
+            kind: str = "",  # what the run is, before its name and id ("sweep"); "": a pipeline run
+            tags: dict|None = None,  # more tags
+           ) -> tuple[str, Path]:
+    "Open a new MLflow run for this Prefect flow run of `cfg`, and make its folder `runs/<time>[-<kind>]-<run id>`: the run's id and its folder."
+    from prefect import runtime
+    name = runtime.flow_run.name or "fruitflow"
+    run_id = client.create_run(experiment_id(client, cfg, uri), run_name=f"{kind}-{name}" if kind else name,
+                               tags={"prefect.flow_run_id": str(runtime.flow_run.id or ""), "source": cfg.source} | (tags or {})).info.run_id
+    run_dir = Path(cfg.workdir).resolve()/"runs"/f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{kind + '-' if kind else ''}{run_id[:8]}"
+    run_dir.mkdir(parents=True)
+    client.set_tag(run_id, "run_dir", str(run_dir))
+    return run_id, run_dir
+
 def _open(cfg: Config, client, uri: str) -> tuple[Run, str]:
     "The run of this execution, new or the resumed one reopened, and the status it had."
     from prefect import runtime
@@ -142,11 +156,7 @@ def _open(cfg: Config, client, uri: str) -> tuple[Run, str]:
         print(f"resuming MLflow run {run_id} ({uri}) in {cfg.resume}", flush=True)
         return Run(cfg, client, uri, run_id, cfg.resume, progress), prior
     source = {"mlflow.source.name": "fruitflow.flow.pipeline: nbs/01_download … 05_register.ipynb", "mlflow.source.type": "JOB"}  # what ran
-    run_id = client.create_run(experiment_id(client, cfg, uri), run_name=runtime.flow_run.name or "fruitflow",
-                               tags=flow_run | source | {"source": cfg.source}).info.run_id
-    run_dir = Path(cfg.workdir).resolve()/"runs"/f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{run_id[:8]}"
-    run_dir.mkdir(parents=True)
-    client.set_tag(run_id, "run_dir", str(run_dir))
+    run_id, run_dir = new_run(cfg, client, uri, tags=source)
     print(f"MLflow run {run_id} ({uri}), notebooks in {run_dir}", flush=True)
     return Run(cfg, client, uri, run_id, run_dir, Progress.new(run_dir, run_id, cfg)), "RUNNING"
 
