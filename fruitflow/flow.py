@@ -26,7 +26,7 @@ def run_step(name: str, params: dict, run: tracking.Run, kernel: notebooks.Kerne
                              record=run.log_notebook, log=get_run_logger().info)
 
 def promotion_slot():
-    "The one slot of Prefect's limit REGISTER_LIMIT where `fruitflow deploy` made it; elsewhere nothing to hold (and no warning that it is missing)."
+    "The one slot of Prefect's limit REGISTER_LIMIT where `fruitflow deploy` made it; elsewhere nothing (and no warning)."
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
     try:
@@ -36,6 +36,7 @@ def promotion_slot():
 
 def step(name: str, params: dict, run: tracking.Run, kernel: notebooks.Kernel|None) -> dict:
     "Run step `name` as a task, or reuse its result when resuming and nothing it depends on changed; print progress."
+    params = notebooks.step_options(name, run.cfg) | params  # and the run options its notebook declares
     i = f"[{STEPS.index(name) + 1}/{len(STEPS)}]"
     if (kept := run.progress.reuse(name, params)) is not None:
         print(f"{i} {name} unchanged: reused from {run.dir/NOTEBOOKS[name]}", flush=True)
@@ -49,26 +50,29 @@ def step(name: str, params: dict, run: tracking.Run, kernel: notebooks.Kernel|No
 
 # %% ../nbs/10_flow.ipynb #084beb7b
 class PreparedFlow(Flow):
-    "A Prefect flow that, called from Python or a notebook, first prepares its run as `fruitflow run` does (`prepare.prepared`)."
+    "A Prefect flow that, called from Python or a notebook, first prepares its run as `fruitflow run` does."
     def __call__(self, *args, **kwargs):
-        with prepared(checked(**{k: v for k, v in kwargs.items() if k in Config.model_fields})): return super().__call__(*args, **kwargs)
+        options = {k: v for k, v in kwargs.items() if k in Config.model_fields}
+        with prepared(checked(**options)): return super().__call__(*args, **kwargs)
 
-@partial(PreparedFlow, name="fruitflow")  # Prefect's `@flow`, prepared when called (a worker's flow run is prepared by `fruitflow worker`)
+@partial(PreparedFlow, name="fruitflow")  # Prefect's `@flow`, prepared when called (a worker prepares its flow runs)
 @takes_options  # its parameters are the run options, declared once, in `Config`
 def pipeline(**options) -> dict:
     "download → preprocess → train → evaluate → register, in one MLflow run; what the steps glued."
     cfg = checked(**options)  # a bad value is one line, before anything starts
     if cfg.resume or cfg.from_step or cfg.only: cfg = resume_config(cfg)  # the options the run was started with
-    opts, got = partial(notebooks.step_options, cfg=cfg), {}  # each step gets the run options its notebook declares
+    got = {}
     with tracking.pipeline_run(cfg) as run, notebooks.shared_kernel(cfg.workdir, cfg.kernel_per_step) as kernel:
-        got |= step("download", opts("download") | dict(data_root=str(data_dir(cfg.workdir)), manifest_path=str(run.dir/"manifest.csv")), run, kernel)
-        got |= step("preprocess", opts("preprocess") | dict(manifest_path=str(run.dir/"manifest.csv"), out_dir=str(run.dir/"split")), run, kernel)
-        got |= step("train", opts("train") | dict(split_dir=got["split_dir"], model_path=str(run.dir/"model"/"model.keras"),
-                                                  data_source=got["data_source"], cache_dir=str(cache_dir(cfg.workdir))), run, kernel)
-        got |= step("evaluate", opts("evaluate") | dict(split_dir=got["split_dir"], model_path=got["model_path"], out_dir=str(run.dir/"evaluation"),
-                                                        data_source=got["data_source"]), run, kernel)
+        manifest = str(run.dir/"manifest.csv")
+        got |= step("download", dict(data_root=str(data_dir(cfg.workdir)), manifest_path=manifest), run, kernel)
+        got |= step("preprocess", dict(manifest_path=manifest, out_dir=str(run.dir/"split")), run, kernel)
+        got |= step("train", dict(split_dir=got["split_dir"], model_path=str(run.dir/"model"/"model.keras"),
+                                  data_source=got["data_source"], cache_dir=str(cache_dir(cfg.workdir))), run, kernel)
+        got |= step("evaluate", dict(split_dir=got["split_dir"], model_path=got["model_path"],
+                                     out_dir=str(run.dir/"evaluation"), data_source=got["data_source"]), run, kernel)
+        evidence = {k: v for k, v in got.items() if k.startswith("evidence")}  # what a champion is judged on
         with promotion_slot():  # runs on other workers wait: `champion` moves by one promotion at a time
-            got |= step("register", opts("register") | dict(model_uri=got["model_uri"], test_accuracy=float(got["test_accuracy"]),
-                                                            data_source=got["data_source"], n_test=int(got["n_test"]),
-                                                            evidence={k: v for k, v in got.items() if k.startswith("evidence")}), run, kernel)
+            got |= step("register", dict(model_uri=got["model_uri"], test_accuracy=float(got["test_accuracy"]),
+                                         data_source=got["data_source"], n_test=int(got["n_test"]), evidence=evidence),
+                        run, kernel)
     return got | {"run_id": run.id, "run_dir": str(run.dir)}

@@ -24,7 +24,7 @@ def parameters(step: str) -> dict:
 
 def step_options(step: str, cfg: Config) -> dict:
     "The run options of `cfg` that step `step` takes: those its notebook's `parameters` cell names, by name (`Config` declares each once)."
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k in parameters(step)}
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k in parameters(step) and k != "tracking_uri"}  # that: the run's own URI
 
 def check_params(step: str, params: dict) -> None:
     "Raise if `params` names a parameter the step's notebook lacks, or has a value of the wrong type."
