@@ -13,7 +13,7 @@ from .download import GITHUB, ARCHIVES, datasets_inside
 
 # %% auto #0
 __all__ = ['STEPS', 'NOTEBOOKS', 'EXPERIMENT', 'MODEL_NAME', 'TRACKING_DB', 'ARTIFACTS', 'PREFECT_HOME', 'STATE', 'KERNEL',
-           'REGISTER_LIMIT', 'WORKDIR', 'Step', 'SWEPT', 'TRY', 'THREADS', 'FLAGS', 'FEW', 'Config', 'flag',
+           'REGISTER_LIMIT', 'WORKDIR', 'Step', 'SWEPT', 'TRY', 'THREADS', 'FLAGS', 'FEW', 'Config', 'flag', 'tried',
            'config_error', 'ConfigError', 'checked', 'one_line', 'model_for', 'nbs_dir', 'data_dir', 'user_cache',
            'cache_dir', 'add_options', 'takes_options', 'error_log']
 
@@ -99,6 +99,10 @@ FLAGS = {"model_kind": "model", "from_step": "from"}  # the run options whose co
 def flag(name: str) -> str:
     "The command-line flag of run option `name`: `--batch-size` for batch_size, `--model` for model_kind."
     return "--" + FLAGS.get(name, name.replace("_", "-"))
+
+def tried(name: str) -> tuple:
+    "The values `fruitflow sweep` tries of run option `name` unless told: `TRY`'s, else the option's default alone."
+    return TRY.get(name, (Config.model_fields[name].default,))
 
 def config_error(e: ValidationError) -> str:
     "The first error of `e` in one line: `--option: message`."

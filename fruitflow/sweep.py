@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, create_model
-from .config import FEW, NOTEBOOKS, SWEPT, THREADS, TRY, Config, cache_dir, data_dir, model_for, one_line
+from .config import FEW, NOTEBOOKS, SWEPT, THREADS, Config, cache_dir, data_dir, model_for, one_line, tried
 from .notebooks import Kernel, StepFailed, execute, step_options
 from .prepare import prepared
 
@@ -22,7 +22,7 @@ __all__ = ['Space', 'SweepConfig', 'points', 'task_runner', 'trial', 'best', 'Sw
 def _values(name: str):
     "A field of `Space`: one or more values of run option `name`, each checked as `Config` checks the option."
     f = Config.model_fields[name]
-    return (tuple[Annotated[(f.annotation, *f.metadata)], ...], Field(TRY.get(name, (f.default,)), min_length=1, description=f"{f.description}: the values to try"))
+    return (tuple[Annotated[(f.annotation, *f.metadata)], ...], Field(tried(name), min_length=1, description=f"{f.description}: the values to try"))
 
 Space = create_model("Space", __config__=ConfigDict(frozen=True, extra="forbid"), __doc__="The values to try for each hyperparameter of a trial.",
                      **{p: _values(p) for p in SWEPT})

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, sys
 from pathlib import Path
-from .config import SWEPT, THREADS, TRY, Config, add_options, error_log, flag, one_line
+from .config import SWEPT, THREADS, Config, add_options, config_error, error_log, flag, one_line, tried
 
 # %% auto #0
 __all__ = ['SHARED', 'sweep_config', 'sweep_cmd', 'add_parsers']
@@ -23,8 +23,7 @@ def sweep_config(args: argparse.Namespace):
     def build(cls, names, **extra):
         try: return cls(**{k: a[k] for k in names}, **extra)
         except ValidationError as e:
-            err = e.errors()[0]
-            print(f"fruitflow sweep: error: {flag(str(err['loc'][0]))}: {err['msg'].removeprefix('Value error, ')} (see fruitflow sweep --help)", file=sys.stderr)
+            print(f"fruitflow sweep: error: {config_error(e)} (see fruitflow sweep --help)", file=sys.stderr)
             sys.exit(2)
     return build(SweepConfig, ("strategy", "trials", "workers", "task_runner", "scheduler"), run=build(Config, SHARED), space=build(Space, SWEPT))
 
@@ -71,7 +70,7 @@ def add_parsers(sub):  # the `fruitflow` command's sub-parsers
     "Add `fruitflow sweep`: one option of one or more values for each hyperparameter, and the run options the trials share."
     p = sub.add_parser("sweep", help="hyperparameter search: train and evaluate several configurations in parallel, register the best")
     for name in SWEPT:
-        f, values = Config.model_fields[name], TRY.get(name, (Config.model_fields[name].default,))
+        f, values = Config.model_fields[name], tried(name)
         p.add_argument(flag(name), type=f.annotation, nargs="+", default=list(values), help=f"{f.description}: the values to try (default {' '.join(map(str, values))})")
     p.add_argument("--strategy", choices=("grid", "random"), default="grid", help="grid: every combination (default); random: a seeded sample of them")
     p.add_argument("--trials", type=int, default=0, help="grid: at most this many trials (default 0: all); random: how many (default 0: 4)")
