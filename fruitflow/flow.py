@@ -9,7 +9,7 @@ from functools import partial
 from prefect import Flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
-from . import notebooks, tracking
+from . import kernels, notebooks, tracking
 from .config import REGISTER_LIMIT, STEPS, NOTEBOOKS, Config, cache_dir, checked, data_dir, takes_options
 from .prepare import prepared
 from .state import resume_config
@@ -62,7 +62,7 @@ def pipeline(**options) -> dict:
     cfg = checked(**options)  # a bad value is one line, before anything starts
     if cfg.resume or cfg.from_step or cfg.only: cfg = resume_config(cfg)  # the options the run was started with
     got = {}
-    with tracking.pipeline_run(cfg) as run, notebooks.shared_kernel(cfg.workdir, cfg.kernel_per_step) as kernel:
+    with tracking.pipeline_run(cfg) as run, kernels.for_run(cfg) as kernel:
         manifest = str(run.dir/"manifest.csv")
         got |= step("download", dict(data_root=str(data_dir(cfg.workdir)), manifest_path=manifest), run, kernel)
         got |= step("preprocess", dict(manifest_path=manifest, out_dir=str(run.dir/"split")), run, kernel)

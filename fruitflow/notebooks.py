@@ -12,7 +12,7 @@ from .config import KERNEL, NOTEBOOKS, STEPS, Config, nbs_dir
 
 # %% auto #0
 __all__ = ['NO_OUTPUT_CACHE', 'parameters', 'step_options', 'check_params', 'step_notebook', 'step_modules', 'StepKernelManager',
-           'Kernel', 'start_ahead', 'shared_kernel', 'StepFailed', 'execute']
+           'Kernel', 'StepFailed', 'execute']
 
 # %% ../nbs/09_notebooks.ipynb #08637688
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -154,27 +154,6 @@ class Kernel:
         with contextlib.suppress(Exception):
             self.km.close_clients()
             if self.km.has_kernel: _in_thread(self.km.shutdown_kernel, now).result()
-
-# %% ../nbs/09_notebooks.ipynb #23ea838a
-_ahead: dict[Path, Kernel] = {}  # kernels started ahead by `start_ahead`, by work folder
-
-def start_ahead(workdir: Path,
-                start: Callable[[], KernelManager]|None = None,  # a kernel made ready elsewhere (see `Kernel`)
-               ) -> Kernel:
-    "Start the shared kernel for a run in `workdir` now; `shared_kernel` hands it to that run."
-    k = _ahead[Path(workdir).resolve()] = Kernel(workdir, start=start)
-    return k
-
-@contextlib.contextmanager
-def shared_kernel(workdir: Path, per_step: bool = False):
-    "The kernel a run's steps share (the one started ahead for `workdir`, else a new one), killed at the end; None with `per_step`."
-    k = _ahead.pop(Path(workdir).resolve(), None)
-    if per_step:
-        if k: k.stop(now=True)
-        yield None; return
-    k = k or Kernel(workdir)
-    try: yield k
-    finally: k.stop(now=True)  # its steps are over and their notebooks written: nothing in it is waited for
 
 # %% ../nbs/09_notebooks.ipynb #b87a5894
 class StepFailed(RuntimeError):

@@ -33,18 +33,29 @@ _servers: dict[Path, object] = {}  # Prefect home → its `TemporaryPrefectServe
 _prepared: contextvars.ContextVar[Path|None] = contextvars.ContextVar("fruitflow_prepared", default=None)  # the work folder being run
 
 @contextlib.contextmanager
+def _console_at(level: str):
+    "Prefect's console handler at `level` for the block: one made when Prefect was imported before `env_defaults` missed it."
+    import logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+    handlers = {h: h.level for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)}
+    for h in handlers: h.setLevel(int(level) if level.isdigit() else level.upper())
+    try: yield
+    finally:
+        for h, was in handlers.items(): h.setLevel(was)
+
+@contextlib.contextmanager
 def prepared(cfg: Config,
              kernel: bool = True,  # start the steps' shared kernel ahead (unless `cfg.kernel_per_step`)
             ):
     "Make this process ready for a pipeline run of `cfg` (see above); Prefect's settings point at its server for the block."
     wd = Path(cfg.workdir).resolve()
     if _prepared.get() == wd: yield; return  # the caller prepared it
-    from fruitflow import notebooks, warm
+    from fruitflow import kernels
     from fruitflow.servers import env_defaults, quiet_heartbeats
     wd.mkdir(parents=True, exist_ok=True)
     env_defaults(wd)  # up's servers, PREFECT_HOME in the work folder, quiet TensorFlow and MLflow
     if why := preflight(cfg): raise NotReady(why)
-    ahead = notebooks.start_ahead(wd, warm.handover(wd)) if kernel and not cfg.kernel_per_step else None  # up's warm one, else one started now
+    ahead = kernels.start_ahead(cfg) if kernel else None  # its imports overlap the rest
     home, server, ours = Path(os.environ["PREFECT_HOME"]), None, False
     if not os.environ.get("PREFECT_API_URL"):  # neither the user's server nor `fruitflow up`'s: this process's temporary one in `home`
         from fruitflow.servers import TemporaryPrefectServer
@@ -59,7 +70,8 @@ def prepared(cfg: Config,
         try: api = server.wait() if server else os.environ["PREFECT_API_URL"]
         except RuntimeError: _servers.pop(home, None); raise  # the next call starts a new one
         if ours: os.environ["PREFECT_API_URL"] = api  # a new port if it had to start again
-        with temporary_settings(updates={"api.url": api, "home": home}), quiet_heartbeats(): yield
+        console = os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"]  # fruitflow prints a step's lines; Prefect's API gets them
+        with temporary_settings(updates={"api.url": api, "home": home}), quiet_heartbeats(), _console_at(console): yield
     finally:
         _prepared.reset(token)
         if ahead: ahead.stop(now=True)  # stopped already, unless the flow never took it

@@ -11,7 +11,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from .config import FEW, NOTEBOOKS, SWEPT, THREADS, Config, cache_dir, data_dir, model_for, one_line, tried
-from .notebooks import Kernel, StepFailed, execute, step_options
+from .kernels import for_run
+from .notebooks import StepFailed, execute, step_options
 from .prepare import prepared
 
 # %% auto #0
@@ -84,16 +85,19 @@ def trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent
     tdir.mkdir(parents=True)
     track, status, tags, what = dict(mlflow_run_id=rid, tracking_uri=uri), "FAILED", {}, f"{name} failed"
     print(f"[{name}] start: " + ", ".join(f"{k}={v}" for k, v in point.items()), flush=True)
-    kernel = None if run.kernel_per_step else Kernel(workdir, tdir/"kernels.log", steps=("train", "evaluate"))  # shared, as a run's steps do
-    def step(s: str, params: dict) -> dict:  # as the pipeline runs it: the run options its notebook declares, and what this trial chose
-        return execute(s, step_options(s, opts) | params | track, tdir, workdir, kernel, run.step_timeout, record=notebook_recorder(client, rid, uri))
+    def step(s: str, params: dict) -> dict:  # as the pipeline runs it: the run options its notebook declares, and this trial's
+        return execute(s, step_options(s, opts) | params | track, tdir, workdir, kernel, run.step_timeout,
+                       record=notebook_recorder(client, rid, uri))
     try:
         client.log_param(rid, "image_size", point["image_size"])
-        got = step("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"), cache_dir=str(cache_dir(workdir))))
-        got |= step("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"),
-                                     min_test_images=0))  # trials are ranked on their val figures: no cross-validation each
+        with for_run(opts, ("train", "evaluate"), tdir/"kernels.log") as kernel:  # shared by its steps, as a run's are
+            got = step("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"),
+                                     cache_dir=str(cache_dir(workdir))))
+            got |= step("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"),
+                                         min_test_images=0))  # trials are ranked on their val figures: no cross-validation each
         status, what = "FINISHED", f"{name} finished"
-        print(f"[{name}] done: val accuracy {got.get('val_accuracy', float('nan')):.3f}, test accuracy {got['test_accuracy']:.3f}", flush=True)
+        print(f"[{name}] done: val accuracy {got.get('val_accuracy', float('nan')):.3f}, "
+              f"test accuracy {got['test_accuracy']:.3f}", flush=True)
         keep = ("val_accuracy", "val_loss", "accuracy", "loss", "test_accuracy", "n_test", "model_uri", "epochs_run")
         return dict(trial=i, run_id=rid, ok=True, **point, **{k: got[k] for k in keep if k in got})
     except StepFailed as e:
@@ -107,7 +111,6 @@ def trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent
         status, what = "KILLED", f"{name} was interrupted"
         raise
     finally:
-        if kernel: kernel.stop(now=status != "FINISHED")
         finish(client, dict(run_id=rid, tracking_uri=uri, status=status, tags=tags, undo={}), tdir, what)  # with the server gone: kept for `settle`
 
 # %% ../nbs/15_sweep.ipynb #344d0af0

@@ -73,6 +73,7 @@ def test_a_run_is_the_same_run_whichever_way_it_starts(tmp_path):
         code = f"from fruitflow.flow import pipeline; print('VERSION', pipeline(**{TINY_OPTIONS!r})['version'])"
         py = subprocess.run([sys.executable, "-c", code], cwd=wd, env=clean_env(**env), capture_output=True, text=True, timeout=900)
         assert py.returncode == 0 and "VERSION 2" in py.stdout, py.stdout[-3000:] + py.stderr[-3000:]
+        assert "[3/5] train done" in py.stdout and "| INFO" not in py.stdout + py.stderr, py.stdout[-3000:]  # each line once, as from the CLI
         dep = fruitflow("deploy", workdir=wd, env=env, timeout=300)
         assert dep.returncode == 0, dep.stdout + dep.stderr
         log = open(tmp_path/"worker.log", "w")
