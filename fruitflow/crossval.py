@@ -22,7 +22,8 @@ def folds(y: np.ndarray,  # the labels of every usable image
     counts = np.bincount(y)
     if k < 2: raise ValueError(f"k={k}: cross-validation needs at least 2 folds")
     if (small := [c for c, n in enumerate(counts) if 0 < n < k]):
-        raise DataError(f"class {small[0]} has {counts[small[0]]} images: {k} folds need at least {k} per class (use a smaller k)")
+        raise DataError(f"class {small[0]} has {counts[small[0]]} images: {k} folds need at least {k} "
+                        "per class (use a smaller k)")
     rng, out = np.random.default_rng(seed), [[] for _ in range(k)]
     for c in np.unique(y):
         for i, j in enumerate(rng.permutation(np.flatnonzero(y == c))): out[i % k].append(j)
@@ -46,7 +47,8 @@ def write_fold(split_dir: Path,  # the preprocessed set
     info, y = json.loads((split_dir/"split.json").read_text()), np.load(split_dir/"y.npy")
     rest = np.setdiff1d(np.arange(len(y)), test_idx)
     cut = stratified_split(y[rest], val_ratio, 0.0, seed)
-    splits = {"train": rest[cut["train"]].tolist(), "val": rest[cut["val"]].tolist(), "test": np.sort(test_idx).tolist()}
+    splits = {"train": rest[cut["train"]].tolist(), "val": rest[cut["val"]].tolist(),
+              "test": np.sort(test_idx).tolist()}
     fold_dir.mkdir(parents=True, exist_ok=True)
     for f in ("x.npy", "y.npy"): _link(split_dir/f, fold_dir/f)
     (fold_dir/"split.json").write_text(json.dumps({k: info[k] for k in ("classes", "image_size")} | {"splits": splits}))
@@ -61,7 +63,8 @@ def _log(run_id: str, tracking_uri: str, out: dict, params: dict):
     t = int(time.time() * 1000)
     ms = [Metric("cv_accuracy", a, t, i) for i, a in enumerate(out["accuracies"])]
     ms += [Metric(f"cv_{k}", out[k], t, 0) for k in ("accuracy_mean", "accuracy_std", "seed_mean_std")]
-    MlflowClient(tracking_uri or None).log_batch(run_id, metrics=ms, params=[Param(f"cv_{k}", str(v)) for k, v in params.items()])
+    MlflowClient(tracking_uri or None).log_batch(run_id, metrics=ms,
+                                                 params=[Param(f"cv_{k}", str(v)) for k, v in params.items()])
 
 def crossval(split_dir: Path,  # the preprocessed set: all its usable images are used
              out_dir: Path,  # where the folds' split folders and models go
@@ -92,17 +95,22 @@ def crossval(split_dir: Path,  # the preprocessed set: all its usable images are
         for i, test_idx in enumerate(folds(y, k, s)):
             fd = write_fold(split_dir, out_dir/f"seed{s}-fold{i}", test_idx, val_ratio, s)
             keras.backend.clear_session()
-            m = train(fd, fd/"model.keras", model_kind, epochs, batch_size, learning_rate, width, augment, patience, s, synthetic=synthetic, cache_dir=out_dir/".cache")
+            m = train(fd, fd/"model.keras", model_kind, epochs, batch_size, learning_rate, width, augment, patience, s,
+                      synthetic=synthetic, cache_dir=out_dir/".cache")
             got.append(evaluate(fd, m["model_path"], fd/"evaluation", batch_size)["test_accuracy"])
             print(f"seed {s} fold {i + 1}/{k}: accuracy {got[-1]:.3f} on {len(test_idx)} images")
             sizes.append(len(test_idx))
         accs += got; per_seed.append(float(np.mean(got)))
     out = dict(accuracies=accs, accuracy_mean=float(np.mean(accs)), accuracy_std=float(np.std(accs)),
                n_correct=int(round(sum(a * n for a, n in zip(accs, sizes)))), n_predictions=int(sum(sizes)),
-               seed_means=per_seed, seed_mean_std=float(np.std(per_seed)), k=k, seeds=list(range(seed, seed + repeats)), n_images=int(len(y)))
-    print(f"{model_kind}: cross-validated accuracy {out['accuracy_mean']:.3f} ± {out['accuracy_std']:.3f} over {len(accs)} folds"
-          f" ({k} folds × {repeats} seed{'s' * (repeats > 1)}; spread of the seeds' means {out['seed_mean_std']:.3f})")
-    if run_id: _log(run_id, tracking_uri, out, dict(k=k, repeats=repeats, model_kind=model_kind, epochs=epochs, seed=seed, synthetic=synthetic))
+               seed_means=per_seed, seed_mean_std=float(np.std(per_seed)), k=k, seeds=list(range(seed, seed + repeats)),
+               n_images=int(len(y)))
+    print(f"{model_kind}: cross-validated accuracy {out['accuracy_mean']:.3f} ± {out['accuracy_std']:.3f}"
+          f" over {len(accs)} folds ({k} folds × {repeats} seed{'s' * (repeats > 1)}; spread of the seeds' means"
+          f" {out['seed_mean_std']:.3f})")
+    if run_id:
+        _log(run_id, tracking_uri, out,
+             dict(k=k, repeats=repeats, model_kind=model_kind, epochs=epochs, seed=seed, synthetic=synthetic))
     return out
 
 # %% ../nbs/07_crossval.ipynb #f1bab0cb
@@ -118,18 +126,22 @@ def head_crossval(split_dir: Path,  # the preprocessed set: all its usable image
     from fruitflow.train import regression_head
     split_dir = Path(split_dir)
     y, model = np.load(split_dir/"y.npy"), keras.saving.load_model(model_path, compile=False)
-    features = keras.Model(model.inputs, model.layers[-2].input)  # the pooled features, below the dropout and the softmax
+    # the pooled features, below the dropout and the softmax
+    features = keras.Model(model.inputs, model.layers[-2].input)
     x = features.predict(np.load(split_dir/"x.npy").astype(np.float32), batch_size=batch_size, verbose=0)
     accs, sizes, n_classes = [], [], model.outputs[0].shape[-1]
     for i, test_idx in enumerate(folds(y, k, seed)):
         rest = np.setdiff1d(np.arange(len(y)), test_idx)
-        weights = {c: len(rest) / (n_classes * max(1, int((y[rest] == c).sum()))) for c in range(n_classes)}  # as `train` weighs them
+        # as `train` weighs them
+        weights = {c: len(rest) / (n_classes * max(1, int((y[rest] == c).sum()))) for c in range(n_classes)}
         head, _ = regression_head(x[rest], y[rest], n_classes, epochs, seed, weights, verbose=0)
-        pred = keras.ops.convert_to_numpy(head(x[test_idx], training=False)).argmax(1)  # a few rows: a call, not `predict`'s set-up
+        # a few rows: a call, not `predict`'s set-up
+        pred = keras.ops.convert_to_numpy(head(x[test_idx], training=False)).argmax(1)
         accs.append(float(np.mean(pred == y[test_idx]))); sizes.append(len(test_idx))
         print(f"fold {i + 1}/{k}: accuracy {accs[-1]:.3f} on {len(test_idx)} images")
-    return dict(accuracies=accs, accuracy_mean=float(np.mean(accs)), accuracy_std=float(np.std(accs)), k=k, n_images=int(len(y)),
-                n_correct=int(round(sum(a * n for a, n in zip(accs, sizes)))), n_predictions=int(sum(sizes)))
+    return dict(accuracies=accs, accuracy_mean=float(np.mean(accs)), accuracy_std=float(np.std(accs)), k=k,
+                n_images=int(len(y)), n_correct=int(round(sum(a * n for a, n in zip(accs, sizes)))),
+                n_predictions=int(sum(sizes)))
 
 # %% ../nbs/07_crossval.ipynb #b77db24f
 K_FOLDS, DRAWN = 5, 50  # folds of the cross-validated evidence; photos drawn to judge a model trained on drawn ones
@@ -137,7 +149,8 @@ K_FOLDS, DRAWN = 5, 50  # folds of the cross-validated evidence; photos drawn to
 def _figure(kind: str, said: str, correct: int, n: int, baseline: float) -> dict:
     "One piece of evidence: what it is, its accuracy and the images it rests on, and the accuracy of always giving the commonest answer."
     acc = correct / n if n else 0.0
-    return dict(evidence_kind=kind, evidence=f"{said} {acc:.3f} on {n} {'test ' * (kind == 'test')}image{'s' * (n != 1)}",
+    return dict(evidence_kind=kind,
+                evidence=f"{said} {acc:.3f} on {n} {'test ' * (kind == 'test')}image{'s' * (n != 1)}",
                 evidence_accuracy=acc, evidence_images=n, evidence_correct=correct, evidence_baseline=baseline)
 
 def _majority(y: np.ndarray) -> float: return float(np.bincount(y).max() / len(y)) if len(y) else 0.0
@@ -147,10 +160,12 @@ def _drawn(model, classes: list[str], size: int, seed: int, n: int = DRAWN) -> d
     from fruitflow.core import load_image, to_array
     from fruitflow.download import draw
     if sorted(classes) != ["apple", "orange"]: return None
-    base, x, y = 2**41 + seed * 1_000_003, [], []  # neither the source's stream (seed * 1_000_003 + ...) nor the mixed-in one (2**40 + ...)
+    # neither the source's stream (seed * 1_000_003 + ...) nor the mixed-in one (2**40 + ...)
+    base, x, y = 2**41 + seed * 1_000_003, [], []
     for c, label in enumerate(classes):
         for i in range(n // len(classes)):
-            jpeg = io.BytesIO(); draw(label, base + c * 100_000_007 + i).save(jpeg, format="JPEG", quality=90)  # as the synthetic source saves them
+            # as the synthetic source saves them
+            jpeg = io.BytesIO(); draw(label, base + c * 100_000_007 + i).save(jpeg, format="JPEG", quality=90)
             x.append(to_array(load_image(jpeg.getvalue(), size=size), size)); y.append(c)
     pred = model.predict(np.stack(x).astype(np.float32), batch_size=32, verbose=0).argmax(1)
     return _figure("drawn", "accuracy on freshly drawn photos", int((pred == np.array(y)).sum()), len(y), 0.5)
@@ -162,8 +177,10 @@ def _crossvalidated(split_dir: Path, model_path: Path, out_dir: Path, recipe: di
     if (k := min(k, int(np.bincount(y).min()))) < 2: return None
     if recipe["model_kind"] == "efficientnet" and len(split_info(split_dir)["splits"]["train"]) < FEW:
         cv = head_crossval(split_dir, model_path, k, recipe["epochs"], recipe["seed"])
-    else: cv = crossval(split_dir, Path(out_dir)/"crossval", **{n: recipe[n] for n in ("model_kind", "epochs", "batch_size", "learning_rate",
-                                  "width", "augment", "patience", "seed", "synthetic")}, k=k)
+    else:
+        cv = crossval(split_dir, Path(out_dir)/"crossval",
+                      **{n: recipe[n] for n in ("model_kind", "epochs", "batch_size", "learning_rate", "width",
+                                                "augment", "patience", "seed", "synthetic")}, k=k)
     return _figure("crossval", f"{k}-fold cross-validated accuracy", cv["n_correct"], cv["n_predictions"], _majority(y))
 
 def evidence(split_dir: Path,  # the split the model was tested on
@@ -179,11 +196,13 @@ def evidence(split_dir: Path,  # the split the model was tested on
     from fruitflow.train import split_info
     split_dir, info = Path(split_dir), split_info(split_dir)
     y = np.load(split_dir/"y.npy")
-    best = _figure("test", "test accuracy", int(round(test["test_accuracy"] * test["n_test"])), test["n_test"], _majority(y[info["splits"]["test"]]))
+    best = _figure("test", "test accuracy", int(round(test["test_accuracy"] * test["n_test"])), test["n_test"],
+                   _majority(y[info["splits"]["test"]]))
     meta = json.loads(Path(model_path).with_suffix(".json").read_text())
     if test["n_test"] >= min_test_images or "recipe" not in meta: return best
     if data_source == "synthetic":
-        model, n = keras.saving.load_model(model_path, compile=False), max(DRAWN, min_test_images + len(info["classes"]))
+        model, n = (keras.saving.load_model(model_path, compile=False),
+                    max(DRAWN, min_test_images + len(info["classes"])))
         more = _drawn(model, info["classes"], info["image_size"], meta["recipe"]["seed"], n)
     elif len(y) < min_test_images: return best  # every image cross-validated would still be too few: spare the folds
     else: more = _crossvalidated(split_dir, model_path, out_dir, meta["recipe"], k)

@@ -28,7 +28,9 @@ def api_url(workdir: Path) -> str:
 def _no_server(cmd: str, url: str) -> str|None:
     "Why there is no Prefect server to talk to, in one line; None when it answers."
     if not url: return f"fruitflow {cmd}: no Prefect server: start one (fruitflow up) or set PREFECT_API_URL"
-    if why := unreachable(url): return f"fruitflow {cmd}: the Prefect server at {url} is unreachable ({why}): start it (fruitflow up) or set PREFECT_API_URL"
+    if why := unreachable(url):
+        return (f"fruitflow {cmd}: the Prefect server at {url} is unreachable ({why}): start it (fruitflow up) "
+                "or set PREFECT_API_URL")
 
 # %% ../nbs/20_deploy.ipynb #8d783717
 def ensure_pool(name: str) -> bool:
@@ -38,8 +40,11 @@ def ensure_pool(name: str) -> bool:
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.workers.process import ProcessWorker
     with get_client(sync_client=True) as c:
-        c.upsert_global_concurrency_limit_by_name(REGISTER_LIMIT, limit=1)  # the flow's register step holds it: two runs never promote at once
-        try: c.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+        # the flow's register step holds it: two runs never promote at once
+        c.upsert_global_concurrency_limit_by_name(REGISTER_LIMIT, limit=1)
+        try:
+            c.create_work_pool(WorkPoolCreate(name=name, type="process",
+                                              base_job_template=ProcessWorker.get_default_base_job_template()))
         except ObjectAlreadyExists: return False
     return True
 
@@ -50,8 +55,10 @@ def deploy_pipeline(pool: str = POOL,  # the work pool its runs wait in
     "Create or update the deployment of the pipeline flow on `pool`, by module path (workers import it from the installed package); its id."
     from prefect.deployments.runner import EntrypointType
     from fruitflow.flow import pipeline
-    return pipeline.deploy(name, work_pool_name=pool, cron=cron or None, build=False, push=False, entrypoint_type=EntrypointType.MODULE_PATH,
-                           description="download → preprocess → train → evaluate → register (fruitflow); its parameters are `fruitflow run`'s options",
+    return pipeline.deploy(name, work_pool_name=pool, cron=cron or None, build=False, push=False,
+                           entrypoint_type=EntrypointType.MODULE_PATH,
+                           description="download → preprocess → train → evaluate → register (fruitflow); its "
+                                       "parameters are `fruitflow run`'s options",
                            print_next_steps=False, ignore_warnings=True)
 
 # %% ../nbs/20_deploy.ipynb #76f12dc5
@@ -65,8 +72,9 @@ def deploy(args) -> int:
     made = ensure_pool(args.pool)
     dep = deploy_pipeline(args.pool, args.name, args.cron)
     print(f"work pool {args.pool}: {'created' if made else 'exists'} (process)\ndeployment {FLOW}/{args.name}: {dep}"
-          f"{f' (schedule {args.cron})' if args.cron else ''}\nstart workers with `fruitflow worker --pool {args.pool}`; "
-          f"runs with `prefect deployment run {FLOW}/{args.name} -p epochs=3` or from the Prefect UI")
+          f"{f' (schedule {args.cron})' if args.cron else ''}\n"
+          f"start workers with `fruitflow worker --pool {args.pool}`; runs with `prefect deployment run "
+          f"{FLOW}/{args.name} -p epochs=3` or from the Prefect UI")
     return 0
 
 # %% ../nbs/20_deploy.ipynb #c6804569
@@ -84,10 +92,12 @@ def worker(args) -> int:
         print(why, file=sys.stderr)
         return 1
     env = worker_env(wd, url)
-    cmd = [str(Path(sys.executable).parent/"prefect"), "worker", "start", "--pool", args.pool, "--type", "process", "--install-policy", "never"]
+    cmd = [str(Path(sys.executable).parent/"prefect"), "worker", "start", "--pool", args.pool, "--type", "process",
+           "--install-policy", "never"]
     if args.name: cmd += ["--name", args.name]
     if args.limit: cmd += ["--limit", str(args.limit)]
-    print(f"worker for pool {args.pool} on {url}: flow runs work in {wd}; MLflow: {env.get('MLFLOW_TRACKING_URI') or wd/'mlflow.db'}", flush=True)
+    print(f"worker for pool {args.pool} on {url}: flow runs work in {wd}; MLflow: "
+          f"{env.get('MLFLOW_TRACKING_URI') or wd/'mlflow.db'}", flush=True)
     os.chdir(wd)
     os.execve(cmd[0], cmd, env)
 
@@ -105,7 +115,8 @@ def deployments(url: str) -> list[str]:
             out.append(f"deployment {FLOW}/{d.name:12} pool {d.work_pool_name}  {when}")
         for pool in sorted({d.work_pool_name for d in deps if d.work_pool_name}):
             ws = c.read_workers_for_work_pool(pool)
-            out += [f"worker   {w.name:30} pool {pool}  {w.status.value if w.status else '?'}, last seen {f'{w.last_heartbeat_time:%Y-%m-%d %H:%M:%S}' if w.last_heartbeat_time else 'never'}" for w in ws]
+            out += [f"worker   {w.name:30} pool {pool}  {w.status.value if w.status else '?'}, last seen "
+                    f"{f'{w.last_heartbeat_time:%Y-%m-%d %H:%M:%S}' if w.last_heartbeat_time else 'never'}" for w in ws]
             if not ws: out.append(f"worker   none on pool {pool}: start one with `fruitflow worker --pool {pool}`")
     return out
 
@@ -115,22 +126,30 @@ def status(args) -> int:
     url = api_url(Path(args.workdir))
     if url and not unreachable(url):
         try: lines = deployments(url)
-        except Exception as e: lines = [f"deployments: could not be read from {url} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
+        except Exception as e:
+            lines = [f"deployments: could not be read from {url} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''})"]
         for l in lines or [f"no deployment of {FLOW} on {url}: `fruitflow deploy` makes one"]: print(l)
     return code
 
 # %% ../nbs/20_deploy.ipynb #e846c24f
 def add_parsers(sub) -> None:
     "Add `deploy` and `worker` to the `fruitflow` command line, and the deployments to `status`."
-    d = sub.add_parser("deploy", help="create (or update) the Prefect work pool and the deployment of the pipeline: runs start from the Prefect UI, the CLI or a schedule")
+    d = sub.add_parser("deploy", help="create (or update) the Prefect work pool and the deployment of the pipeline: "
+                                      "runs start from the Prefect UI, the CLI or a schedule")
     d.add_argument("--pool", default=POOL, help=f"process work pool its runs wait in (default {POOL})")
-    d.add_argument("--name", default=DEPLOYMENT, help=f"deployment name (default {DEPLOYMENT}: runs start as {FLOW}/{DEPLOYMENT})")
-    d.add_argument("--cron", default="", metavar="EXPR", help="run on this cron schedule too, e.g. '0 3 * * *' (default: none)")
+    d.add_argument("--name", default=DEPLOYMENT,
+                   help=f"deployment name (default {DEPLOYMENT}: runs start as {FLOW}/{DEPLOYMENT})")
+    d.add_argument("--cron", default="", metavar="EXPR",
+                   help="run on this cron schedule too, e.g. '0 3 * * *' (default: none)")
     d.set_defaults(func=deploy)
-    w = sub.add_parser("worker", help="start a Prefect process worker for the pool here: its flow runs keep data/ and runs/ in this folder")
+    w = sub.add_parser("worker", help="start a Prefect process worker for the pool here: its flow runs keep data/ "
+                                      "and runs/ in this folder")
     w.add_argument("--pool", default=POOL, help=f"work pool to take runs from (default {POOL})")
     w.add_argument("--name", default="", help="the worker's name (default: Prefect's)")
     w.add_argument("--limit", type=int, default=0, help="most flow runs at once (default: no limit)")
     w.set_defaults(func=worker)
-    for p in (d, w): p.add_argument("--workdir", default=".", help="work folder: its `fruitflow up` servers are used; a worker's runs work there (default: here)")
+    for p in (d, w):
+        p.add_argument("--workdir", default=".", help="work folder: its `fruitflow up` servers are used; a worker's "
+                                                      "runs work there (default: here)")
     if "status" in sub.choices: sub.choices["status"].set_defaults(func=status)

@@ -61,9 +61,11 @@ def fetch(url: str,  # what to download
             return dest
         except urllib.error.HTTPError as e:
             if e.code == 404: raise NotFound(f"{url}: not found (404)") from None
-            if e.code < 500 and e.code != 429: raise DownloadError(f"{url}: the server answered {e.code} {e.reason}") from None
+            if e.code < 500 and e.code != 429:
+                raise DownloadError(f"{url}: the server answered {e.code} {e.reason}") from None
             err = f"{e.code} {e.reason}"
-        except (urllib.error.URLError, OSError, http.client.HTTPException, _Retry) as e: err = getattr(e, "reason", None) or e
+        except (urllib.error.URLError, OSError, http.client.HTTPException, _Retry) as e:
+            err = getattr(e, "reason", None) or e
         finally: tmp.unlink(missing_ok=True)
         if attempt < retries: time.sleep(min(0.5 * 2 ** attempt, 8))
     raise DownloadError(f"{url}: failed after {retries} attempts ({err})")
@@ -87,7 +89,9 @@ def _github(base_url, dest, n, timeout, retries, max_bytes):
             name = f"{label}/{label}-{i}.jpeg"
             target = dest/name
             if target.exists() and sums.get(name) == file_sha256(target): continue
-            try: fetch(f"{base_url.rstrip('/')}/{label}s/{label}-{i}.jpeg?raw=true", target, timeout, retries, max_bytes, image=True)
+            try:
+                fetch(f"{base_url.rstrip('/')}/{label}s/{label}-{i}.jpeg?raw=true", target, timeout, retries, max_bytes,
+                      image=True)
             except NotFound as e:
                 print(f"skipped {e}")
                 continue
@@ -99,7 +103,8 @@ def _github(base_url, dest, n, timeout, retries, max_bytes):
 def _reachable(url: str, timeout: float) -> bool:
     "Does `url` answer a HEAD request?"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as r: return r.status < 400
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as r:
+            return r.status < 400
     except Exception: return False
 
 # %% ../nbs/01_download.ipynb #0f29452d
@@ -108,7 +113,8 @@ ARCHIVES = (".zip", ".tar.gz", ".tgz", ".tar")
 def _safe_names(names, target: Path):
     "Raise if any archive entry would land outside `target`."
     for n in names:
-        if n.startswith(("/", "\\")) or ".." in Path(n).parts or not (target/n).resolve().is_relative_to(target.resolve()):
+        if (n.startswith(("/", "\\")) or ".." in Path(n).parts
+                or not (target/n).resolve().is_relative_to(target.resolve())):
             raise DownloadError(f"archive entry {n!r} would be written outside {target}: refused")
 
 def _extract(archive: Path, target: Path):
@@ -135,14 +141,16 @@ def _dataset_root(folder: Path) -> Path:
 def _unpack(source, data_root, timeout, retries, max_bytes):
     "Fetch (if a URL) and unpack the archive `source` under `data_root`."
     if source.startswith(("http://", "https://")):
-        archive = fetch(source, data_root/"archives"/source.rsplit("/", 1)[-1].split("?")[0], timeout, retries, max_bytes)
+        archive = fetch(source, data_root/"archives"/source.rsplit("/", 1)[-1].split("?")[0], timeout, retries,
+                        max_bytes)
     else: archive = Path(source)
     if not archive.is_file(): raise DownloadError(f"{source}: no such archive")
     target = data_root/f"{archive.name.split('.')[0]}-{file_sha256(archive)[:10]}"
     if not target.exists():
         tmp = Path(tempfile.mkdtemp(dir=data_root, prefix=".unpack-"))
         try: _extract(archive, tmp)
-        except (zipfile.BadZipFile, tarfile.TarError) as e: raise DownloadError(f"{source}: not a readable archive ({e})") from None
+        except (zipfile.BadZipFile, tarfile.TarError) as e:
+            raise DownloadError(f"{source}: not a readable archive ({e})") from None
         except BaseException: shutil.rmtree(tmp); raise
         os.replace(tmp, target)
     return _dataset_root(target)
@@ -150,7 +158,8 @@ def _unpack(source, data_root, timeout, retries, max_bytes):
 # %% ../nbs/01_download.ipynb #a412903a
 _APPLES = [(185, 25, 35), (150, 20, 40), (205, 60, 40), (140, 190, 60), (200, 190, 70), (170, 45, 30)]
 
-def _jitter(rgb, rng, k=25): return tuple(min(255, max(0, c + int(rng.integers(-k, k + 1)))) for c in rgb)  # not np.clip: 3× faster on scalars, same values
+# not np.clip: 3× faster on scalars, same values
+def _jitter(rgb, rng, k=25): return tuple(min(255, max(0, c + int(rng.integers(-k, k + 1)))) for c in rgb)
 
 def _background(size, rng):
     "A plain, gradient or striped backdrop with some grain."
@@ -169,15 +178,19 @@ def _leaf(d, x, y, r, rng):
 def _apple(d, cx, cy, r, rng):
     "Two overlapping lobes, a dimple, a stem, maybe a leaf and streaks."
     body = _jitter(_APPLES[rng.integers(len(_APPLES))], rng)
-    for dx in (-0.42, 0.42): d.ellipse([cx + dx * r - r * 0.62, cy - r * 0.85, cx + dx * r + r * 0.62, cy + r * 0.9], fill=body)
+    for dx in (-0.42, 0.42):
+        d.ellipse([cx + dx * r - r * 0.62, cy - r * 0.85, cx + dx * r + r * 0.62, cy + r * 0.9], fill=body)
     d.ellipse([cx - r * 0.75, cy - r * 0.5, cx + r * 0.75, cy + r], fill=body)
     for _ in range(rng.integers(0, 6)):
         x = cx + rng.uniform(-0.6, 0.6) * r
-        d.line([(x, cy - r * 0.6), (x + rng.uniform(-.1, .1) * r, cy + r * 0.7)], fill=_jitter(body, rng, 35), width=max(1, int(r / 15)))
+        d.line([(x, cy - r * 0.6), (x + rng.uniform(-.1, .1) * r, cy + r * 0.7)], fill=_jitter(body, rng, 35),
+               width=max(1, int(r / 15)))
     d.ellipse([cx - r * 0.15, cy - r * 0.88, cx + r * 0.15, cy - r * 0.68], fill=tuple(int(c * 0.6) for c in body))
-    d.line([(cx, cy - r * 0.75), (cx + r * 0.12, cy - r * 1.2)], fill=_jitter((95, 60, 30), rng), width=max(2, int(r / 9)))
+    d.line([(cx, cy - r * 0.75), (cx + r * 0.12, cy - r * 1.2)], fill=_jitter((95, 60, 30), rng),
+           width=max(2, int(r / 9)))
     if rng.random() < 0.6: _leaf(d, cx + r * 0.1, cy - r * 1.05, r * 0.7, rng)
-    d.ellipse([cx - r * 0.55, cy - r * 0.5, cx - r * 0.25, cy - r * 0.15], fill=_jitter(tuple(min(255, c + 60) for c in body), rng, 10))
+    d.ellipse([cx - r * 0.55, cy - r * 0.5, cx - r * 0.25, cy - r * 0.15],
+              fill=_jitter(tuple(min(255, c + 60) for c in body), rng, 10))
 
 def _orange(d, cx, cy, r, rng):
     "A round fruit with a dimpled peel, a navel and sometimes a leaf."
@@ -188,9 +201,11 @@ def _orange(d, cx, cy, r, rng):
         a, q = rng.uniform(0, 2 * np.pi), r * np.sqrt(rng.uniform(0, 0.9))
         x, y = cx + q * np.cos(a), cy + q * np.sin(a)
         d.point((x, y), fill=_jitter(tuple(int(c * 0.85) for c in body), rng, 12))
-    d.ellipse([cx - r * 0.08, cy - r * 0.08 - r * 0.8, cx + r * 0.08, cy + r * 0.08 - r * 0.8], fill=_jitter((90, 110, 40), rng))
+    d.ellipse([cx - r * 0.08, cy - r * 0.08 - r * 0.8, cx + r * 0.08, cy + r * 0.08 - r * 0.8],
+              fill=_jitter((90, 110, 40), rng))
     if rng.random() < 0.3: _leaf(d, cx, cy - r * 0.85, r * 0.6, rng)
-    d.ellipse([cx - r * 0.55, cy - r * 0.55, cx - r * 0.2, cy - r * 0.2], fill=_jitter(tuple(min(255, c + 40) for c in body), rng, 8))
+    d.ellipse([cx - r * 0.55, cy - r * 0.55, cx - r * 0.2, cy - r * 0.2],
+              fill=_jitter(tuple(min(255, c + 40) for c in body), rng, 8))
 
 def draw(label: str,  # "apple" or "orange"
          seed: int,  # the same seed draws the same picture
@@ -235,20 +250,26 @@ def write_manifest(folder: Path,  # one sub-folder per class
     "List every file of every class folder of `folder` in the manifest CSV at `path`."
     folder = Path(folder)
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-    if not classes: raise DownloadError(f"{folder}: no class sub-folders (expected e.g. {folder}/apple/, {folder}/orange/)")
+    if not classes:
+        raise DownloadError(f"{folder}: no class sub-folders (expected e.g. {folder}/apple/, {folder}/orange/)")
     rows = []
     for c in classes:
         keep, skip = list_images(c, root=folder)
-        if not keep and not skip: raise DownloadError(f"class {c.name!r} ({c}) is an empty folder: every class folder needs images of its class")
-        rows += [dict(path=str(p), label=c.name, sha256=file_sha256(p), bytes=p.stat().st_size, **dict(zip(("format", "width", "height"), _describe(p))), skipped="") for p in keep]
-        rows += [dict(path=p, label=c.name, sha256="", bytes=0, format="", width=0, height=0, skipped=why) for p, why in skip]
+        if not keep and not skip:
+            raise DownloadError(f"class {c.name!r} ({c}) is an empty folder: every class folder "
+                                "needs images of its class")
+        rows += [dict(path=str(p), label=c.name, sha256=file_sha256(p), bytes=p.stat().st_size,
+                      **dict(zip(("format", "width", "height"), _describe(p))), skipped="") for p in keep]
+        rows += [dict(path=p, label=c.name, sha256="", bytes=0, format="", width=0, height=0, skipped=why)
+                 for p, why in skip]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, MANIFEST_FIELDS); w.writeheader(); w.writerows(rows)
     return rows
 
 # %% ../nbs/01_download.ipynb #becc47c7
-def _folders(p: Path) -> list[Path]: return [s for s in sorted(Path(p).iterdir()) if s.is_dir() and not s.name.startswith((".", "__"))]
+def _folders(p: Path) -> list[Path]:
+    return [s for s in sorted(Path(p).iterdir()) if s.is_dir() and not s.name.startswith((".", "__"))]
 
 def datasets_inside(folder: Path) -> list[Path]:
     "The data sets in `folder` when it is a folder of data sets, not of classes: each of its sub-folders holds two or more folders of files."
@@ -279,7 +300,9 @@ def download(source: str,  # auto | github | synthetic | a class folder | an arc
     if kind == "auto":
         probe = f"{base_url.rstrip('/')}/apples/apple-1.jpeg?raw=true"
         kind = "github" if _reachable(probe, min(timeout, 5)) else "synthetic"
-        if kind == "synthetic": print(f"The lab's images are unreachable ({base_url}): using {n_per_class} synthetic images per class instead.")
+        if kind == "synthetic":
+            print(f"The lab's images are unreachable ({base_url}): using {n_per_class} synthetic "
+                  "images per class instead.")
     if kind == "github": folder = _github(base_url, data_root/"github", n_per_class, timeout, retries, max_bytes)
     elif kind == "synthetic": folder = _synthetic(data_root/f"synthetic-s{seed}-n{n_per_class}", n_per_class, seed)
     elif kind == "archive": folder = _unpack(source, data_root, timeout, retries, max_bytes)

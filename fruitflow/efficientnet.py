@@ -15,8 +15,9 @@ __all__ = ['STORAGES', 'BLOCKS', 'IMAGENET_ORANGE', 'IMAGENET_FRUIT', 'read_torc
            'imagenet_scores']
 
 # %% ../nbs/03a_efficientnet.ipynb #792568ad
-STORAGES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "LongStorage": "<i8", "IntStorage": "<i4",
-            "ShortStorage": "<i2", "CharStorage": "i1", "ByteStorage": "u1", "BoolStorage": "?"}  # torch's storage types: the element type of their bytes
+# torch's storage types: the element type of their bytes
+STORAGES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "LongStorage": "<i8",
+            "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1", "ByteStorage": "u1", "BoolStorage": "?"}
 
 class _Storage:
     "A storage the pickle names; its bytes are read after the pickle (legacy) or beside it (zip)."
@@ -24,10 +25,12 @@ class _Storage:
 
 class _Tensor:
     "What torch's `_rebuild_tensor_v2` is given: a view of a storage, made an array once the storage's bytes are read."
-    def __init__(self, storage, offset, size, stride, *_): self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+    def __init__(self, storage, offset, size, stride, *_):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
     def array(self) -> np.ndarray:
         a = self.storage.data[self.offset:]
-        return np.lib.stride_tricks.as_strided(a, self.size, [s * a.itemsize for s in self.stride]).astype(a.dtype.newbyteorder("="))
+        return (np.lib.stride_tricks.as_strided(a, self.size, [s * a.itemsize for s in self.stride])
+                .astype(a.dtype.newbyteorder("=")))
 
 class _Unpickler(pickle.Unpickler):
     "An unpickler of torch state dicts that admits only the globals they need."
@@ -37,9 +40,11 @@ class _Unpickler(pickle.Unpickler):
         if (module, name) == ("collections", "OrderedDict"): return collections.OrderedDict
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"): return _Tensor
         if module == "torch" and name in STORAGES: return STORAGES[name]
-        raise pickle.UnpicklingError(f"{self.name}: refuses to load {module}.{name}: a torch state dict names only OrderedDict, _rebuild_tensor_v2 and storage types")
+        raise pickle.UnpicklingError(f"{self.name}: refuses to load {module}.{name}: a torch state dict names only "
+                                     "OrderedDict, _rebuild_tensor_v2 and storage types")
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"): raise pickle.UnpicklingError(f"{self.name}: unknown persistent id {pid!r:.60}")
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"{self.name}: unknown persistent id {pid!r:.60}")
         _, dtype, key, _location, numel = pid[:5]
         return self.storages.setdefault(str(key), _Storage(dtype, numel))
 
@@ -62,7 +67,8 @@ def read_torch(path: Path,  # a torch state dict file (.pth, .pt), legacy or zip
             with zipfile.ZipFile(path) as z:
                 pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
                 state = _Unpickler(io.BytesIO(z.read(pkl)), path.name, storages).load()
-                for key, s in storages.items(): s.data = np.frombuffer(z.read(f"{pkl[:-len('data.pkl')]}data/{key}"), s.dtype, s.numel)
+                for key, s in storages.items():
+                    s.data = np.frombuffer(z.read(f"{pkl[:-len('data.pkl')]}data/{key}"), s.dtype, s.numel)
         else:
             with open(path, "rb") as f: state = _read_legacy(f, path.name, storages)
         return {k: v.array() for k, v in state.items()}
@@ -71,12 +77,17 @@ def read_torch(path: Path,  # a torch state dict file (.pth, .pt), legacy or zip
         raise ValueError(f"{path.name}: not a torch state dict ({type(e).__name__}: {str(e)[:80]})") from e
 
 # %% ../nbs/03a_efficientnet.ipynb #ce7f0df1
-from .core import WEIGHTS_FILE, WEIGHTS_PACKAGE, package_weights  # in core: `fruitflow run` checks for them before it imports Keras
+# in core: `fruitflow run` checks for them before it imports Keras
+from .core import WEIGHTS_FILE, WEIGHTS_PACKAGE, package_weights
 
 # %% ../nbs/03a_efficientnet.ipynb #bcdf17a5
-BLOCKS = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))  # per stage: blocks, kernel, first stride, expansion, channels out
+# per stage: blocks, kernel, first stride, expansion, channels out
+BLOCKS = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112), (4, 5, 2, 6, 192),
+          (1, 3, 1, 6, 320))
 IMAGENET_ORANGE = 950  # ImageNet's class "orange"
-IMAGENET_FRUIT = tuple(range(948, 958))  # ImageNet's fruit: Granny Smith, strawberry, orange, lemon, fig, pineapple, banana, jackfruit, custard apple, pomegranate
+# ImageNet's fruit: Granny Smith, strawberry, orange, lemon, fig, pineapple, banana, jackfruit, custard apple,
+# pomegranate
+IMAGENET_FRUIT = tuple(range(948, 958))
 
 def _conv_bn(x, conv: layers.Layer, bn: str, relu: bool = True):
     "`conv`, then batch norm (epsilon 1e-3) named `bn`, then ReLU6 where `relu`."
@@ -86,8 +97,10 @@ def _conv_bn(x, conv: layers.Layer, bn: str, relu: bool = True):
 def _block(x, i: int, c_in: int, c_out: int, kernel: int, stride: int, expand: int):
     "Inverted-residual block `i`: expand (1×1), depthwise, project (1×1); its input added back when stride 1 and as many channels."
     p, y = f"_blocks.{i}.", x
-    if expand != 1: y = _conv_bn(y, layers.Conv2D(c_in * expand, 1, use_bias=False, name=p + "_expand_conv"), p + "_bn0")
-    y = _conv_bn(y, layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=p + "_depthwise_conv"), p + "_bn1")
+    if expand != 1:
+        y = _conv_bn(y, layers.Conv2D(c_in * expand, 1, use_bias=False, name=p + "_expand_conv"), p + "_bn0")
+    y = _conv_bn(y, layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=p + "_depthwise_conv"),
+                 p + "_bn1")
     y = _conv_bn(y, layers.Conv2D(c_out, 1, use_bias=False, name=p + "_project_conv"), p + "_bn2", relu=False)
     return layers.Add()([x, y]) if stride == 1 and c_in == c_out else y
 
@@ -97,7 +110,8 @@ def lite0(image_size: int = 224,  # side of the square input images (trained at 
          ) -> keras.Model:
     "EfficientNet-Lite0 on 0–255 RGB pixels, with its ImageNet weights."
     inputs = keras.Input((image_size, image_size, 3))
-    x = _conv_bn(layers.Rescaling(1 / 128, offset=-127 / 128)(inputs), layers.Conv2D(32, 3, 2, padding="same", use_bias=False, name="_conv_stem"), "_bn0")
+    x = _conv_bn(layers.Rescaling(1 / 128, offset=-127 / 128)(inputs),
+                 layers.Conv2D(32, 3, 2, padding="same", use_bias=False, name="_conv_stem"), "_bn0")
     i, c = 0, 32
     for n, kernel, stride, expand, c_out in BLOCKS:
         for r in range(n): x, c, i = _block(x, i, c, c_out, kernel, stride if r == 0 else 1, expand), c_out, i + 1
@@ -113,9 +127,12 @@ def load_torch_state(model: keras.Model,  # a `lite0` (any image size)
     "Set every weight of `model` from `state`, each layer from the tensors of its own name, in Keras' layout."
     for l in model.layers:
         w = lambda k: state[f"{l.name}.{k}"]
-        if isinstance(l, layers.DepthwiseConv2D): l.set_weights([w("weight").transpose(2, 3, 0, 1)])  # (c, 1, h, w) -> (h, w, c, 1)
-        elif isinstance(l, layers.Conv2D): l.set_weights([w("weight").transpose(2, 3, 1, 0)])  # (out, in, h, w) -> (h, w, in, out)
-        elif isinstance(l, layers.BatchNormalization): l.set_weights([w(k) for k in ("weight", "bias", "running_mean", "running_var")])
+        if isinstance(l, layers.DepthwiseConv2D):
+            l.set_weights([w("weight").transpose(2, 3, 0, 1)])  # (c, 1, h, w) -> (h, w, c, 1)
+        elif isinstance(l, layers.Conv2D):
+            l.set_weights([w("weight").transpose(2, 3, 1, 0)])  # (out, in, h, w) -> (h, w, in, out)
+        elif isinstance(l, layers.BatchNormalization):
+            l.set_weights([w(k) for k in ("weight", "bias", "running_mean", "running_var")])
         elif isinstance(l, layers.Dense): l.set_weights([w("weight").T, w("bias")])
 
 def imagenet_scores(classes: tuple[int, ...] = IMAGENET_FRUIT,  # ImageNet classes to score

@@ -22,7 +22,8 @@ def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> tuple[
     for i, c in enumerate(classes):
         p = cm[i, i] / cm[:, i].sum() if cm[:, i].sum() else 0.0
         r = cm[i, i] / cm[i].sum() if cm[i].sum() else 0.0
-        out |= {f"precision_{c}": float(p), f"recall_{c}": float(r), f"f1_{c}": float(2 * p * r / (p + r)) if p + r else 0.0}
+        out |= {f"precision_{c}": float(p), f"recall_{c}": float(r),
+                f"f1_{c}": float(2 * p * r / (p + r)) if p + r else 0.0}
     return out, cm
 
 # %% ../nbs/04_evaluate.ipynb #ff121aad
@@ -32,7 +33,8 @@ def _plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(3.2, 3.2))
     ax.imshow(cm, cmap="Blues")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes, xlabel="predicted", ylabel="true")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true")
     for (i, j), v in np.ndenumerate(cm): ax.text(j, i, v, ha="center", va="center", color="black")
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
     return path
@@ -47,9 +49,11 @@ def evaluate(split_dir: Path,  # the split written by preprocess
     info, out_dir = split_info(split_dir), Path(out_dir)
     model = keras.saving.load_model(model_path, compile=False)  # predicting needs no optimizer
     ds = load_split(split_dir, "test", batch_size)
-    probs = model.predict(ds, verbose=0)  # one pass: `model.evaluate` would trace and run the model again for the same figures
+    # one pass: `model.evaluate` would trace and run the model again for the same figures
+    probs = model.predict(ds, verbose=0)
     y = np.concatenate([b[1].numpy() for b in ds])
-    loss = float(np.mean(keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y, probs))))  # the loss train compiled
+    # the loss train compiled
+    loss = float(np.mean(keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y, probs))))
     acc = float(np.mean((pred := probs.argmax(1)) == y))
     per_class, cm = class_metrics(y, pred, info["classes"])
     out_dir.mkdir(parents=True, exist_ok=True)

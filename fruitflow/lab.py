@@ -25,13 +25,15 @@ def clean_on_save(model: dict,  # the contents model being saved
     full = Path(contents_manager.root_dir, path).resolve()
     cfg = get_config(path=full.parent)
     if not cfg.jupyter_hooks: return
-    clean_nb(model["content"], cfg.clear_all, cfg.get("allowed_metadata_keys").split(), cfg.get("allowed_cell_metadata_keys").split(), cfg.clean_ids)
+    clean_nb(model["content"], cfg.clear_all, cfg.get("allowed_metadata_keys").split(),
+             cfg.get("allowed_cell_metadata_keys").split(), cfg.clean_ids)
     if full.is_relative_to(Path(cfg.config_path, cfg.nbs_path).resolve()):
         for c in model["content"]["cells"]:
             if c["cell_type"] == "code": c["outputs"] = []
 
 # %% ../nbs/19_lab.ipynb #2d90eab8
-DEBUG_CELL = ("# fruitflow lab: this copy reruns untracked (not into the run's MLflow record), in the folder the step ran in\n"
+DEBUG_CELL = ("# fruitflow lab: this copy reruns untracked (not into the run's MLflow record), in the "
+              "folder the step ran in\n"
               "mlflow_run_id = \"\"\nimport os; os.chdir({workdir!r})")  # the cell added after the parameters
 
 def run_folder(workdir: Path,  # the work folder of runs/
@@ -60,9 +62,12 @@ def debug_copy(run_dir: Path,  # the run folder
               ) -> Path:
     "A new copy of `step`'s executed notebook beside it, set to rerun untracked in the run's work folder; its path."
     src = Path(run_dir)/NOTEBOOKS[step]
-    if not src.exists(): raise FileNotFoundError(f"{run_dir} has no executed notebook of step '{step}' ({src.name}): the step did not run")
+    if not src.exists():
+        raise FileNotFoundError(f"{run_dir} has no executed notebook of step '{step}' "
+                                f"({src.name}): the step did not run")
     nb = json.loads(src.read_text())
-    tagged = [i for i, c in enumerate(nb["cells"]) if {"injected-parameters", "parameters"} & set(c.get("metadata", {}).get("tags", []))]
+    tagged = [i for i, c in enumerate(nb["cells"])
+              if {"injected-parameters", "parameters"} & set(c.get("metadata", {}).get("tags", []))]
     cell = {"cell_type": "code", "execution_count": None, "id": secrets.token_hex(4), "metadata": {}, "outputs": [],
             "source": DEBUG_CELL.format(workdir=str(Path(run_dir).resolve().parent.parent))}
     nb["cells"].insert(tagged[-1] + 1 if tagged else 0, cell)
@@ -83,10 +88,12 @@ def lab_command(root: Path,  # the folder JupyterLab serves
                 open_path: str = "",  # a notebook to open, relative to `root`
                ) -> list[str]:
     "The `jupyter lab` command line: loopback only, token auth (the token from $JUPYTER_TOKEN_FILE), saves cleaned by `clean_on_save`."
-    return [sys.executable, "-m", "jupyterlab", f"--ServerApp.ip={HOST}", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-            f"--ServerApp.root_dir={root}", f"--ServerApp.open_browser={browser}", "--ContentsManager.pre_save_hook=fruitflow.lab.clean_on_save",
+    return [sys.executable, "-m", "jupyterlab", f"--ServerApp.ip={HOST}", f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", f"--ServerApp.open_browser={browser}",
+            "--ContentsManager.pre_save_hook=fruitflow.lab.clean_on_save",
             *([f"--LabApp.default_url=/lab/tree/{open_path}"] if open_path else []),
-            *(["--ServerApp.allow_root=True"] if getattr(os, "geteuid", lambda: 1)() == 0 else [])]  # as root (a container, CI) it refuses to start otherwise
+            # as root (a container, CI) it refuses to start otherwise
+            *(["--ServerApp.allow_root=True"] if getattr(os, "geteuid", lambda: 1)() == 0 else [])]
 
 # %% ../nbs/19_lab.ipynb #2c53c21e
 def _secret(path: Path, token: str):
@@ -130,7 +137,8 @@ def lab_url(workdir: Path) -> str|None:
     "The URL, token included, of the JupyterLab `fruitflow lab` runs over `workdir`, found as `jupyter server list` finds it; None if none runs."
     from jupyter_server.serverapp import list_running_servers  # its runtime file (0600) holds the token
     if not (have := running(Path(workdir).resolve(), (LAB,)).get(LAB)): return None
-    return next((f"{s['url'].rstrip('/')}/lab?token={s['token']}" for s in list_running_servers() if s.get("pid") == have["pid"]), None)
+    return next((f"{s['url'].rstrip('/')}/lab?token={s['token']}" for s in list_running_servers()
+                 if s.get("pid") == have["pid"]), None)
 
 def lab(args) -> int:
     "`fruitflow lab`: JupyterLab on 127.0.0.1 until Ctrl-C or SIGTERM; with --run/--step, a debug copy of a run's step opened in it."
@@ -159,12 +167,14 @@ def lab(args) -> int:
     with socket.socket() as s:
         try: s.bind((HOST, args.port))
         except OSError:
-            print(f"fruitflow lab: error: port {args.port} on {HOST} is taken; choose another with --port", file=sys.stderr)
+            print(f"fruitflow lab: error: port {args.port} on {HOST} is taken; choose another with --port",
+                  file=sys.stderr)
             return 1
     token, url, state = secrets.token_urlsafe(32), f"http://{HOST}:{args.port}", wd/STATE
     state.mkdir(parents=True, exist_ok=True)
     secret, pidfile, log = state/f"{LAB}.token", state/f"{LAB}.json", state/f"{LAB}.log"
-    env = {k: v for k, v in os.environ.items() if k != "JUPYTER_TOKEN"} | {"JUPYTER_TOKEN_FILE": str(secret)}  # its kernels inherit no token
+    # its kernels inherit no token
+    env = {k: v for k, v in os.environ.items() if k != "JUPYTER_TOKEN"} | {"JUPYTER_TOKEN_FILE": str(secret)}
     interrupt_on_signals()
     p = None
     try:
@@ -172,17 +182,22 @@ def lab(args) -> int:
         with open(log, "ab") as f:
             p = subprocess.Popen(lab_command(root, args.port, not args.no_browser, open_path), cwd=root, env=env,
                                  stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        pidfile.write_text(json.dumps(dict(name=LAB, pid=p.pid, start=start_time(p.pid), port=args.port, url=url, log=str(log), root=str(root))))
+        pidfile.write_text(json.dumps(
+            dict(name=LAB, pid=p.pid, start=start_time(p.pid), port=args.port, url=url, log=str(log), root=str(root))))
         up = _wait_up(p, url, args.timeout)
         secret.unlink(missing_ok=True)  # read once it answers
         if not up:
-            why = f"exited with code {p.returncode}" if p.poll() is not None else f"did not answer within {args.timeout:.0f} s"
+            why = (f"exited with code {p.returncode}" if p.poll() is not None
+                   else f"did not answer within {args.timeout:.0f} s")
             print(f"fruitflow lab: error: JupyterLab {why}; see {log}", file=sys.stderr)
             return 1
         if _open(url):
-            print(f"fruitflow lab: error: JupyterLab served its files without the token (a Jupyter config of yours turns its auth off: `jupyter --paths`); stopped it", file=sys.stderr)
+            print(f"fruitflow lab: error: JupyterLab served its files without the token (a Jupyter config of yours "
+                  f"turns its auth off: `jupyter --paths`); stopped it", file=sys.stderr)
             return 1
-        if open_path: _api(f"{url}/api/sessions", token, {"path": open_path, "type": "notebook", "name": Path(open_path).name, "kernel": {"name": "python3"}})
+        if open_path:
+            _api(f"{url}/api/sessions", token,
+                 {"path": open_path, "type": "notebook", "name": Path(open_path).name, "kernel": {"name": "python3"}})
         print(f"JupyterLab: {url}/lab{'/tree/' + open_path if open_path else ''}?token={token}", flush=True)
         print(f"serving {root}; Ctrl-C stops it and its kernels", flush=True)
         return 0 if p.wait() == 0 else 1
@@ -209,8 +224,9 @@ def lab_screenshot(png: Path,  # the PNG to write
         settings.mkdir(parents=True)
         (settings/"notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
         env = os.environ | {"JUPYTERLAB_SETTINGS_DIR": d, "JUPYTERLAB_WORKSPACES_DIR": d}
-        p = subprocess.Popen([str(Path(sys.executable).parent/"fruitflow"), "lab", "--no-browser", "--port", str(port), "--workdir", str(workdir)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        p = subprocess.Popen([str(Path(sys.executable).parent/"fruitflow"), "lab", "--no-browser", "--port", str(port),
+                              "--workdir", str(workdir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, text=True)
         try:
             lines = iter(p.stdout.readline, "")
             link = next((l.split()[1] for l in lines if l.startswith("JupyterLab: ")), None)
@@ -226,12 +242,15 @@ def lab_screenshot(png: Path,  # the PNG to write
 # %% ../nbs/19_lab.ipynb #802e10d9
 def add_parsers(sub) -> None:
     "Add `lab` to the `fruitflow` command line."
-    l = sub.add_parser("lab", help="JupyterLab on 127.0.0.1 over the project's notebooks (--run/--step: debug a run's step)")
+    l = sub.add_parser("lab",
+                       help="JupyterLab on 127.0.0.1 over the project's notebooks (--run/--step: debug a run's step)")
     l.add_argument("--port", type=int, default=8888, help="its port on 127.0.0.1 (default 8888)")
     l.add_argument("--no-browser", action="store_true", help="do not open a browser tab; open the printed URL")
-    l.add_argument("--run", default="", metavar="RUN", help="open a copy of this run's executed step notebook: latest, its folder, or the start of its MLflow run id")
+    l.add_argument("--run", default="", metavar="RUN", help="open a copy of this run's executed step notebook: latest, "
+                                                            "its folder, or the start of its MLflow run id")
     l.add_argument("--step", default="", choices=STEPS, help="the step of --run to open (default: the one that failed)")
     l.add_argument("--workdir", default=".", help="folder of runs/ and .fruitflow/ (default: here)")
     l.add_argument("--timeout", type=float, default=120, help="seconds to wait for JupyterLab to answer (default 120)")
-    l.add_argument("--url", action="store_true", help="print the link (token included) of the JupyterLab running over --workdir, and exit")
+    l.add_argument("--url", action="store_true",
+                   help="print the link (token included) of the JupyterLab running over --workdir, and exit")
     l.set_defaults(func=lab)

@@ -41,7 +41,8 @@ def class_names(folders: list[str],  # the dataset's class folder names
     if not {"apple", "orange"} <= set(names.values()): return {f: f for f in folders}
     for f in folders:
         if (same := [g for g in folders if names[g] == names[f]]) != [f]:
-            raise DataError(f"class folders {' and '.join(map(repr, same))} both give the class {names[f]!r}: merge them into one")
+            raise DataError(f"class folders {' and '.join(map(repr, same))} both give the class "
+                            f"{names[f]!r}: merge them into one")
     return names
 
 # %% ../nbs/02_preprocess.ipynb #41719c0a
@@ -62,11 +63,14 @@ def preprocess(manifest_path: Path,  # the manifest CSV of the download step
     for r in rows: r["label"] = names[r["label"]]
     folders = {r["label"]: str(Path(r["path"]).parent) for r in rows}
     classes = sorted(folders)
-    if len(classes) < 2: raise DataError(f"one class only ({', '.join(f'{c!r} in {folders[c]}' for c in classes)}): at least two class folders are needed")
+    if len(classes) < 2:
+        raise DataError(f"one class only ({', '.join(f'{c!r} in {folders[c]}' for c in classes)}): at least two "
+                        "class folders are needed")
     skipped = [(r["path"], r["skipped"]) for r in rows if r["skipped"]]
     rows = [r for r in rows if not r["skipped"]]
     out_dir.mkdir(parents=True, exist_ok=True)
-    x = np.lib.format.open_memmap(out_dir/"x.npy", mode="w+", dtype=np.uint8, shape=(max(len(rows), 1), image_size, image_size, 3))
+    x = np.lib.format.open_memmap(out_dir/"x.npy", mode="w+", dtype=np.uint8,
+                                  shape=(max(len(rows), 1), image_size, image_size, 3))
     kept, seen = [], {}
     for r in rows:
         if r["sha256"] in seen:
@@ -80,7 +84,8 @@ def preprocess(manifest_path: Path,  # the manifest CSV of the download step
     counts = {c: sum(r["label"] == c for r in kept) for c in classes}
     for c, n in counts.items():
         if n < min_per_class:
-            raise DataError(f"class {c!r} ({folders[c]}) has {n} usable image{'s' * (n != 1)}; at least {min_per_class} needed")
+            raise DataError(f"class {c!r} ({folders[c]}) has {n} usable image{'s' * (n != 1)}; at "
+                            f"least {min_per_class} needed")
     y = np.array([classes.index(r["label"]) for r in kept], dtype=np.int32)
     np.save(out_dir/"y.npy", y)
     splits = stratified_split(y, val_ratio, test_ratio, seed)
@@ -88,8 +93,10 @@ def preprocess(manifest_path: Path,  # the manifest CSV of the download step
                 skipped=[dict(path=p, reason=w) for p, w in skipped])
     (out_dir/"split.json").write_text(json.dumps(meta, indent=1))
     sizes = {k: len(v) for k, v in splits.items()}
-    print(f"{len(kept)} images of {len(classes)} classes → train {sizes['train']}, val {sizes['val']}, test {sizes['test']}; {len(skipped)} skipped")
-    return dict(split_dir=str(out_dir), classes=classes, n_images=len(kept), n_skipped=len(skipped), **{f"n_{k}": v for k, v in sizes.items()})
+    print(f"{len(kept)} images of {len(classes)} classes → train {sizes['train']}, val {sizes['val']}, test "
+          f"{sizes['test']}; {len(skipped)} skipped")
+    return dict(split_dir=str(out_dir), classes=classes, n_images=len(kept), n_skipped=len(skipped),
+                **{f"n_{k}": v for k, v in sizes.items()})
 
 # %% ../nbs/02_preprocess.ipynb #0bf87279
 def datasets(split_dir: Path,  # the folder preprocess wrote
@@ -97,7 +104,9 @@ def datasets(split_dir: Path,  # the folder preprocess wrote
     "Each non-empty split of `split_dir` as an MLflow dataset of (file, label) rows: split name → dataset."
     import mlflow.data, os, pandas as pd
     info, y = json.loads((Path(split_dir)/"split.json").read_text()), np.load(Path(split_dir)/"y.npy")
-    root = Path(os.path.commonpath([str(Path(f).parent.parent) for f in info["files"]]))  # the folder of the class folders
+    # the folder of the class folders
+    root = Path(os.path.commonpath([str(Path(f).parent.parent) for f in info["files"]]))
     table = lambda idx: pd.DataFrame({"file": [Path(info["files"][i]).relative_to(root).as_posix() for i in idx],
                                       "label": [info["classes"][y[i]] for i in idx]})
-    return {s: mlflow.data.from_pandas(table(idx), source=str(root), name=root.name, targets="label") for s, idx in info["splits"].items() if idx}
+    return {s: mlflow.data.from_pandas(table(idx), source=str(root), name=root.name, targets="label")
+            for s, idx in info["splits"].items() if idx}

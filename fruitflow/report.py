@@ -45,7 +45,8 @@ def tidy(text: str,  # a transcript
          paths: dict[str, str],  # absolute path → how to write it
         ) -> str:
     "`text` with each of `paths` written short (the longest first) and every line cut to `MAX_LINE` characters."
-    for long, short in sorted(paths.items(), key=lambda kv: -len(kv[0])): text = text.replace(f"{long}/", f"{short}/").replace(long, short)
+    for long, short in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(f"{long}/", f"{short}/").replace(long, short)
     cut = lambda l: l if len(l) <= MAX_LINE else f"{l[:MAX_LINE - 40]} … ({len(l) - MAX_LINE + 40:,} characters cut)"
     return "\n".join(map(cut, text.splitlines()))
 
@@ -59,26 +60,32 @@ def run_record(tracking_uri: str,  # the MLflow server of the run
     c = MlflowClient(tracking_uri)
     r = c.get_run(run_id)
     m, p, t = r.data.metrics, r.data.params, r.data.tags
-    return dict(date=datetime.datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"), run_id=run_id,
-                run_name=r.info.run_name, status=r.info.status, data_source=t.get("data_source", ""), n_images=int(m.get("n_images", 0)),
-                n_train=int(m.get("n_train", 0)), n_val=int(m.get("n_val", 0)), n_test=int(m.get("n_test", 0)),
-                epochs=int(p.get("epochs", 0)), epochs_run=int(m.get("epochs_run", 0)), batch_size=int(p.get("batch_size", 0)),
-                image_size=int(p.get("image_size", 0)), model_kind=p.get("model_kind", ""),
-                test_accuracy=round(m.get("test_accuracy", 0), 4), test_loss=round(m.get("test_loss", 0), 4),
+    return dict(date=datetime.datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
+                run_id=run_id, run_name=r.info.run_name, status=r.info.status, data_source=t.get("data_source", ""),
+                n_images=int(m.get("n_images", 0)), n_train=int(m.get("n_train", 0)), n_val=int(m.get("n_val", 0)),
+                n_test=int(m.get("n_test", 0)), epochs=int(p.get("epochs", 0)), epochs_run=int(m.get("epochs_run", 0)),
+                batch_size=int(p.get("batch_size", 0)), image_size=int(p.get("image_size", 0)),
+                model_kind=p.get("model_kind", ""), test_accuracy=round(m.get("test_accuracy", 0), 4),
+                test_loss=round(m.get("test_loss", 0), 4),
                 minutes=round((r.info.end_time - r.info.start_time) / 60000, 1), model_name=model_name,
-                version=int(t.get("registered_version", 0)), alias=t.get("registered_alias", ""), promotion=t.get("promotion", ""),
-                evidence=t.get("evidence", ""), evidence_images=int(m.get("promotion_images", 0)), head_steps=int(p.get("head_steps", 0)),
+                version=int(t.get("registered_version", 0)), alias=t.get("registered_alias", ""),
+                promotion=t.get("promotion", ""), evidence=t.get("evidence", ""),
+                evidence_images=int(m.get("promotion_images", 0)), head_steps=int(p.get("head_steps", 0)),
                 system_metrics=sorted(k for k in m if k.startswith("system/")))
 
 def figures(rec: dict) -> str:
     "The run record as the report's table."
     rows = [("Date", rec["date"]), ("MLflow run", f"`{rec['run_id']}` ({rec['run_name']}), {rec['status']}"),
-            ("Data", f"{rec['data_source']}: {rec['n_images']} images → train {rec['n_train']}, validation {rec['n_val']}, test {rec['n_test']}"),
+            ("Data", f"{rec['data_source']}: {rec['n_images']} images → train {rec['n_train']}, validation "
+                     f"{rec['n_val']}, test {rec['n_test']}"),
             ("Model", f"`{rec['model_kind']}`, {rec['image_size']}×{rec['image_size']} pixels"
                       + ("" if rec.get("head_steps") else f", batch size {rec['batch_size']}")),
-            ("Epochs", f"{rec['epochs_run']}, {rec['head_steps']} full-batch steps in all: a logistic regression on the frozen backbone's features"
-                       if rec.get("head_steps") else f"{rec['epochs_run']} of at most {rec['epochs']} (early stopping on the validation loss)"),
-            ("Test accuracy", f"{rec['test_accuracy']:.4f} (test loss {rec['test_loss']:.4f}) on {rec['n_test']} images"),
+            ("Epochs", f"{rec['epochs_run']}, {rec['head_steps']} full-batch steps in all: a logistic regression on "
+                       "the frozen backbone's features"
+                       if rec.get("head_steps")
+                       else f"{rec['epochs_run']} of at most {rec['epochs']} (early stopping on the validation loss)"),
+            ("Test accuracy",
+             f"{rec['test_accuracy']:.4f} (test loss {rec['test_loss']:.4f}) on {rec['n_test']} images"),
             ("Evidence for the registry", rec["evidence"]),
             ("Pipeline time", f"{rec['minutes']} min"),
             ("Registered", f"`{rec['model_name']}` version {rec['version']} as `@{rec['alias']}`: {rec['promotion']}")]
@@ -89,39 +96,53 @@ def proof(rec: dict,  # the run record, with the `fruitflow run` options it was 
          ) -> str:
     "The report's opening paragraph of its proof: the run, its data, the evidence the registry judged, and the version it made."
     n_test, cmd = rec["n_test"], shlex.join(["fruitflow", "run", *rec["run_args"]])
-    out = (f"All the transcripts, numbers and screenshots below come from one run, made by `fruitflow report` on {rec['date']} with "
-           f"`{cmd}`: {rec['n_images']} photos ({rec['data_source']}), {rec['n_train']} to train on, {rec['n_val']} to validate, "
-           f"{n_test} to test. ")
+    out = (f"All the transcripts, numbers and screenshots below come from one run, made by `fruitflow report` "
+           f"on {rec['date']} with `{cmd}`: {rec['n_images']} photos ({rec['data_source']}), {rec['n_train']} to train "
+           f"on, {rec['n_val']} to validate, {n_test} to test. ")
     if rec["evidence_images"] > n_test:
-        out += (f"A test split of {n_test} images is too small to judge a model by: its test accuracy, {rec['test_accuracy']:.3f}, can only "
-                f"be a multiple of 1/{n_test}. So the evaluate step also measured the training recipe's {rec['evidence']}: each photo "
-                f"predicted by a model trained without it. ")
-    out += (f"The registry judged {'that figure' if rec['evidence_images'] > n_test else 'the test accuracy'} and registered the model "
-            f"as version {rec['version']}, `@{rec['alias']}`: {rec['promotion']}. §5 predicts with that version.")
+        out += (f"A test split of {n_test} images is too small to judge a model by: its test accuracy, "
+                f"{rec['test_accuracy']:.3f}, can only be a multiple of 1/{n_test}. So the evaluate step also measured "
+                f"the training recipe's {rec['evidence']}: each photo predicted by a model trained without it. ")
+    out += (f"The registry judged {'that figure' if rec['evidence_images'] > n_test else 'the test accuracy'} "
+            f"and registered the model as version {rec['version']}, `@{rec['alias']}`: {rec['promotion']}. §5 "
+            "predicts with that version.")
     return textwrap.fill(out, 110, break_long_words=False, break_on_hyphens=False)
 
 # %% ../nbs/16_report.ipynb #b7deb535
-CAPTIONS = {"prefect-flow-runs.png": "Prefect: the pipeline's flow runs", "prefect-flow-run-graph.png": "Prefect: the flow run's graph, one task per step",
+CAPTIONS = {"prefect-flow-runs.png": "Prefect: the pipeline's flow runs",
+            "prefect-flow-run-graph.png": "Prefect: the flow run's graph, one task per step",
             "prefect-artifact.png": "Prefect: the run's markdown artifact with its metrics and a link to MLflow",
-            "mlflow-runs.png": "MLflow: the experiment's runs", "mlflow-metrics.png": "MLflow: the run's metric charts (per epoch and test)",
-            "mlflow-system-metrics.png": "MLflow: the run's system metrics", "mlflow-artifacts.png": "MLflow: the run's artifacts (executed notebooks, weights, model, evaluation)",
+            "mlflow-runs.png": "MLflow: the experiment's runs",
+            "mlflow-metrics.png": "MLflow: the run's metric charts (per epoch and test)",
+            "mlflow-system-metrics.png": "MLflow: the run's system metrics",
+            "mlflow-artifacts.png": "MLflow: the run's artifacts (executed notebooks, weights, model, evaluation)",
             "mlflow-model.png": "MLflow Model Registry: the registered model and its versions",
-            "jupyterlab-train.png": "JupyterLab (`fruitflow lab`): the train step's notebook, its parameters cell, where a step is edited and run"}
+            "jupyterlab-train.png": "JupyterLab (`fruitflow lab`): the train step's notebook, its parameters cell, "
+                                    "where a step is edited and run"}
 
 def screenshot_block(img: Path, report_dir: Path) -> str:
     "Markdown image links with captions for the screenshots in `img`."
-    return "\n\n".join(f"**{CAPTIONS[n]}**\n\n![{CAPTIONS[n]}]({(Path(img)/n).resolve().relative_to(Path(report_dir).resolve()).as_posix()})"
+    return "\n\n".join(f"**{CAPTIONS[n]}**\n\n"
+                       f"![{CAPTIONS[n]}]({(Path(img)/n).resolve().relative_to(Path(report_dir).resolve()).as_posix()})"
                        for n in CAPTIONS if (Path(img)/n).exists())
 
 def criteria(rec: dict, ok: dict) -> str:
     "The lab's acceptance criteria as a task list, each checked only when its proof is in the report."
-    items = [(ok["venv"], "A virtual environment is created and activated, and the dependencies are installed in it", "§1"),
-             (ok["notebook"], "`ml_workflow.ipynb` is committed executed, with the output of every cell", "§2 and the notebook"),
-             (ok["screenshots"] and ok["run"], "The pipeline runs as a Prefect flow, one task per step, visible in the Prefect dashboard", "§3, §4"),
-             (ok["run"] and rec["epochs"] > 0, "MLflow records the parameters (`epochs`, `batch_size`, …) and the metrics per epoch", "§4, metric charts"),
+    items = [(ok["venv"], "A virtual environment is created and activated, and the dependencies are installed in it",
+              "§1"),
+             (ok["notebook"], "`ml_workflow.ipynb` is committed executed, with the output of every cell",
+              "§2 and the notebook"),
+             (ok["screenshots"] and ok["run"],
+              "The pipeline runs as a Prefect flow, one task per step, visible in the Prefect dashboard", "§3, §4"),
+             (ok["run"] and rec["epochs"] > 0,
+              "MLflow records the parameters (`epochs`, `batch_size`, …) and the metrics per epoch",
+              "§4, metric charts"),
              (bool(rec["system_metrics"]), "MLflow records system metrics", "§4, system metrics"),
-             (ok["screenshots"], "MLflow records the artifacts: executed notebooks, weights, model, confusion matrix", "§4, artifacts"),
-             (rec["version"] > 0, f"The model is registered in the MLflow Model Registry (version {rec['version']}, @{rec['alias']})", "§4, registered model"),
+             (ok["screenshots"], "MLflow records the artifacts: executed notebooks, weights, model, confusion matrix",
+              "§4, artifacts"),
+             (rec["version"] > 0,
+              f"The model is registered in the MLflow Model Registry (version {rec['version']}, @{rec['alias']})",
+              "§4, registered model"),
              (ok["predict"], "A prediction is made with the registered model", "§5"),
              (True, "The lab's questions are answered", "Questions")]
     return "\n".join(f"- [{'x' if done else ' '}] {what} ({where})" for done, what, where in items)
@@ -132,7 +153,8 @@ def _checked_notebook(path: Path) -> bool:
     try: nb = json.loads(Path(path).read_text())
     except (OSError, ValueError): return False
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    return bool(code) and all(c.get("execution_count") for c in code) and not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
+    return bool(code) and all(c.get("execution_count") for c in code) and not any(
+        o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
 
 def _test_images(run_dir: Path) -> dict[str, str]:
     "One test-split image of each class of the run (photos the model did not train on): path → class."
@@ -148,29 +170,37 @@ def predictions(answers: str,  # `fruitflow predict --json`'s output: one JSON o
                ) -> str:
     "The predictions as a table, each marked right or wrong."
     rows = [json.loads(l) for l in answers.splitlines() if l.startswith("{")]
-    cells = [(Path(r["file"]).name, truth[r["file"]], r["label"], f"{r['p_' + r['label']]:.3f}", "right" if r["label"] == truth[r["file"]] else "**wrong**")
+    cells = [(Path(r["file"]).name, truth[r["file"]], r["label"], f"{r['p_' + r['label']]:.3f}",
+              "right" if r["label"] == truth[r["file"]] else "**wrong**")
              for r in rows]
-    return "| photo (not trained on) | class | predicted | probability | |\n|---|---|---|---|---|\n" + "\n".join(f"| {' | '.join(c)} |" for c in cells)
+    return ("| photo (not trained on) | class | predicted | probability | |\n|---|---|---|---|---|\n"
+            + "\n".join(f"| {' | '.join(c)} |" for c in cells))
 
-def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_venv: bool = False, project: Path|None = None) -> int:
+def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_venv: bool = False,
+           project: Path|None = None) -> int:
     "Make a real run and refresh `report`'s generated blocks, screenshots and run record."
     from fruitflow.servers import running
     from fruitflow.screenshots import screenshots
     workdir, report, img = Path(workdir).resolve(), Path(report).resolve(), Path(img).resolve()
     project = Path(project or Path(__file__).resolve().parent.parent).resolve()
     ff = shlex.quote(str(Path(sys.executable).parent/"fruitflow"))
+    # transcripts as the reader's terminal shows them
     short = {str(Path(sys.executable).parent/"fruitflow"): "fruitflow", str(project): ".", str(project.parent): "..",
-             **({} if workdir == project else {str(workdir): "<work folder>"})}  # transcripts as the reader's terminal shows them
+             **({} if workdir == project else {str(workdir): "<work folder>"})}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     new, rc_v = {}, 0
     if not skip_venv:
         with tempfile.TemporaryDirectory(prefix="fruitflow-venv-") as d:
             print("recording the virtual environment's transcript (a fresh install: a few minutes)", flush=True)
-            new["transcript-venv"], rc_v = transcript(["python3 -m venv .venv", "source .venv/bin/activate", "which python",
-                "python -c 'import sys; print(sys.prefix)'", f"pip install -e {shlex.quote(str(project))} 2>&1 | grep -v 'is ignored: it is neither a file nor a directory' | tail -n 1", "pip show mlflow prefect | grep -E '^(Name|Version|Location)'",
+            new["transcript-venv"], rc_v = transcript([
+                "python3 -m venv .venv", "source .venv/bin/activate", "which python",
+                "python -c 'import sys; print(sys.prefix)'",
+                f"pip install -e {shlex.quote(str(project))} 2>&1 "
+                "| grep -v 'is ignored: it is neither a file nor a directory' | tail -n 1",
+                "pip show mlflow prefect | grep -E '^(Name|Version|Location)'",
                 "which fruitflow"], Path(d), env)
-            new["transcript-venv"] = tidy(new["transcript-venv"], short | {str(Path(d).resolve()): "<fresh folder>", d: "<fresh folder>",
-                                                                           str(project): "<project>"})
+            new["transcript-venv"] = tidy(new["transcript-venv"], short | {
+                str(Path(d).resolve()): "<fresh folder>", d: "<fresh folder>", str(project): "<project>"})
             if rc_v: print("the virtual environment's transcript ended with an error; see the report", file=sys.stderr)
     started = "prefect" not in running(workdir)
     print("starting the dashboards" if started else "the dashboards are up", flush=True)
@@ -180,7 +210,8 @@ def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_ven
     new["transcript-up"] = tidy(new["transcript-up"], short)
     try:
         print("running the pipeline", flush=True)
-        new["transcript-run"], rc = transcript([f"{ff} run --workdir {shlex.quote(str(workdir))} " + " ".join(map(shlex.quote, run_args))], workdir, env)
+        new["transcript-run"], rc = transcript(
+            [f"{ff} run --workdir {shlex.quote(str(workdir))} " + " ".join(map(shlex.quote, run_args))], workdir, env)
         if rc: print(new["transcript-run"], file=sys.stderr); return 1
         new["transcript-run"] = tidy(new["transcript-run"], short)
         r = running(workdir)
@@ -191,7 +222,8 @@ def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_ven
         run_dir = Path(MlflowClient(r["mlflow"]["url"]).get_run(last["run_id"]).data.tags["run_dir"])
         truth = _test_images(run_dir)
         photos = " ".join(map(shlex.quote, truth))
-        model = "" if rec["alias"] == "champion" else f"--model models:/{rec['model_name']}/{rec['version']} "  # the version this run registered
+        # the version this run registered
+        model = "" if rec["alias"] == "champion" else f"--model models:/{rec['model_name']}/{rec['version']} "
         said, rc_p = transcript([f"{ff} predict {model}{photos}", f"{ff} predict --json {model}{photos}"], workdir,
                                 env | {"MLFLOW_TRACKING_URI": r["mlflow"]["url"]})
         new["transcript-predict"] = tidy(said, short) + "\n\n" + predictions(said, truth)
@@ -205,14 +237,17 @@ def report(workdir: Path, report: Path, img: Path, run_args: list[str], skip_ven
     (img/"run.json").write_text(json.dumps(rec, indent=1) + "\n")
     ok = dict(venv=rc_v == 0, notebook=_checked_notebook(project/"ml_workflow.ipynb"),
               screenshots=len(shots) == len(CAPTIONS), run=rec["status"] == "FINISHED", predict=rc_p == 0)
-    new |= dict(proof=proof(rec), figures=figures(rec), screenshots=screenshot_block(img, report.parent), criteria=criteria(rec, ok))
+    new |= dict(proof=proof(rec), figures=figures(rec), screenshots=screenshot_block(img, report.parent),
+                criteria=criteria(rec, ok))
     report.write_text(fill(report.read_text(), new))
-    print(f"{report} refreshed from MLflow run {rec['run_id']}: test accuracy {rec['test_accuracy']:.3f}, {len(shots)} screenshots in {img}")
+    print(f"{report} refreshed from MLflow run {rec['run_id']}: test accuracy {rec['test_accuracy']:.3f}, "
+          f"{len(shots)} screenshots in {img}")
     return 0
 
 def _cli(args) -> int:
     "`fruitflow report`"
-    return report(Path(args.workdir), Path(args.report), Path(args.img), [a for a in args.run_args if a != "--"], args.skip_venv)
+    return report(Path(args.workdir), Path(args.report), Path(args.img), [a for a in args.run_args if a != "--"],
+                  args.skip_venv)
 
 def add_parsers(sub) -> None:
     "Add `report` to the `fruitflow` command line."
@@ -220,6 +255,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--report", default="lab_report.md", help="the report to refresh (default lab_report.md)")
     r.add_argument("--img", default="img", help="folder of the screenshots and run.json (default img/)")
     r.add_argument("--workdir", default=".", help="work folder of the run and the dashboards (default: here)")
-    r.add_argument("--skip-venv", action="store_true", help="keep the last virtual-environment transcript instead of a fresh install")
-    r.add_argument("run_args", nargs=argparse.REMAINDER, help="options for `fruitflow run`, after --, e.g. -- --source github --epochs 10")
+    r.add_argument("--skip-venv", action="store_true",
+                   help="keep the last virtual-environment transcript instead of a fresh install")
+    r.add_argument("run_args", nargs=argparse.REMAINDER,
+                   help="options for `fruitflow run`, after --, e.g. -- --source github --epochs 10")
     r.set_defaults(func=_cli)

@@ -15,7 +15,8 @@ __all__ = ['CHROMIUM', 'CHROMEDRIVER', 'FLAGS', 'ASSISTANT_CLOSE', 'latest_run',
 # %% ../nbs/14_screenshots.ipynb #c5562c02
 def _api(url: str, body: dict|None = None) -> dict:
     "GET `url` (POST `body` as JSON when given) and decode the JSON answer."
-    req = urllib.request.Request(url, json.dumps(body).encode() if body is not None else None, {"Content-Type": "application/json"})
+    req = urllib.request.Request(url, json.dumps(body).encode() if body is not None else None,
+                                 {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r: return json.loads(r.read() or b"{}")
 
 def latest_run(mlflow_url: str,  # the MLflow server
@@ -24,11 +25,13 @@ def latest_run(mlflow_url: str,  # the MLflow server
     "The latest MLflow run of `experiment`: its id, name, experiment id, Prefect flow run id and metrics."
     q = urllib.parse.urlencode({"experiment_name": experiment})
     exp = _api(f"{mlflow_url}/api/2.0/mlflow/experiments/get-by-name?{q}")["experiment"]
-    found = _api(f"{mlflow_url}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1, "order_by": ["attributes.start_time DESC"]})
+    found = _api(f"{mlflow_url}/api/2.0/mlflow/runs/search", {
+        "experiment_ids": [exp["experiment_id"]], "max_results": 1, "order_by": ["attributes.start_time DESC"]})
     if not found.get("runs"): raise LookupError(f"experiment {experiment!r} has no run yet: run `fruitflow run` first")
     r = found["runs"][0]
     tags = {t["key"]: t["value"] for t in r["data"].get("tags", [])}
-    return dict(run_id=r["info"]["run_id"], name=r["info"]["run_name"], experiment_id=exp["experiment_id"], flow_run_id=tags.get("prefect.flow_run_id", ""),
+    return dict(run_id=r["info"]["run_id"], name=r["info"]["run_name"], experiment_id=exp["experiment_id"],
+                flow_run_id=tags.get("prefect.flow_run_id", ""),
                 metrics={m["key"]: m["value"] for m in r["data"].get("metrics", [])})
 
 # %% ../nbs/14_screenshots.ipynb #870e2729
@@ -36,7 +39,8 @@ def artifact_id(prefect_url: str,  # the Prefect server
                 flow_run_id: str,  # the flow run
                ) -> str:
     "The id of the flow run's `fruitflow-run` markdown artifact ('' when it has none)."
-    found = _api(f"{prefect_url}/api/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["fruitflow-run"]}}, "limit": 1})
+    found = _api(f"{prefect_url}/api/artifacts/filter", {
+        "artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["fruitflow-run"]}}, "limit": 1})
     return found[0]["id"] if found else ""
 
 # %% ../nbs/14_screenshots.ipynb #a52ea542
@@ -48,20 +52,24 @@ def pages(prefect: str,  # the Prefect server's URL
     "The dashboard pages to save: (PNG name, URL, texts to wait for)."
     m = f"{mlflow}/#/experiments/{run['experiment_id']}"
     r = f"{m}/runs/{run['run_id']}"
+    # the run's version shows its run_id tag
     return [("prefect-flow-runs.png", f"{prefect}/runs", [run["name"], "fruitflow"]),
             ("prefect-flow-run-graph.png", f"{prefect}/runs/flow-run/{run['flow_run_id']}", [run["name"], "Completed"]),
-            ("prefect-artifact.png", f"{prefect}/artifacts/artifact/{run.get('artifact_id', '')}", [run["name"], "test_accuracy"]),
+            ("prefect-artifact.png", f"{prefect}/artifacts/artifact/{run.get('artifact_id', '')}",
+             [run["name"], "test_accuracy"]),
             ("mlflow-runs.png", f"{m}/runs", [run["name"], "matching run"]),
             ("mlflow-metrics.png", f"{r}/model-metrics", [run["name"], "Model metrics", "accuracy", "loss"]),
             ("mlflow-system-metrics.png", f"{r}/system-metrics", [run["name"], "cpu_utilization_percentage"]),
             ("mlflow-artifacts.png", f"{r}/artifacts", [run["name"], "notebooks"]),
-            ("mlflow-model.png", f"{mlflow}/#/models/{model_name}", [model_name, run["run_id"]])]  # the run's version shows its run_id tag
+            ("mlflow-model.png", f"{mlflow}/#/models/{model_name}", [model_name, run["run_id"]])]
 
 # %% ../nbs/14_screenshots.ipynb #bd1fdfc3
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium and chromium-driver
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1600,1000", "--hide-scrollbars")
-ASSISTANT_CLOSE = '[data-component-id="mlflow.assistant.chat_panel.close"]'  # the close button of MLflow's assistant panel
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+         "--window-size=1600,1000", "--hide-scrollbars")
+# the close button of MLflow's assistant panel
+ASSISTANT_CLOSE = '[data-component-id="mlflow.assistant.chat_panel.close"]'
 
 @contextlib.contextmanager
 def browser():
@@ -69,7 +77,8 @@ def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     for exe in (CHROMIUM, CHROMEDRIVER):
-        if not Path(exe).exists(): raise FileNotFoundError(f"{exe} is missing: apt-get install chromium chromium-driver")
+        if not Path(exe).exists():
+            raise FileNotFoundError(f"{exe} is missing: apt-get install chromium chromium-driver")
     profile = tempfile.mkdtemp(prefix="fruitflow-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
@@ -87,12 +96,16 @@ def open_page(driver, url: str, texts: list[str], timeout: float = 120) -> str:
     driver.get(url)
     body = lambda d: d.execute_script("return document.body ? document.body.innerText : ''")
     try: WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: all(t in body(d) for t in texts))
-    except TimeoutException: raise TimeoutError(f"{url} did not show {[t for t in texts if t not in body(driver)]} within {timeout:.0f} s") from None
-    if close := driver.find_elements(By.CSS_SELECTOR, ASSISTANT_CLOSE):  # MLflow's assistant panel hides a quarter of the page
+    except TimeoutException:
+        raise TimeoutError(f"{url} did not show {[t for t in texts if t not in body(driver)]} within "
+                           f"{timeout:.0f} s") from None
+    # MLflow's assistant panel hides a quarter of the page
+    if close := driver.find_elements(By.CSS_SELECTOR, ASSISTANT_CLOSE):
         close[0].click()
         WebDriverWait(driver, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, ASSISTANT_CLOSE))
     if "/runs/flow-run/" in url and "tab=" not in url:  # the graph is a canvas: wait until it is drawn
-        WebDriverWait(driver, timeout).until(lambda d: d.execute_script("return document.querySelectorAll('canvas').length > 0"))
+        WebDriverWait(driver, timeout).until(
+            lambda d: d.execute_script("return document.querySelectorAll('canvas').length > 0"))
     time.sleep(1)  # let charts finish their entry animation (the data is already there)
     return body(driver)
 
@@ -104,7 +117,8 @@ def screenshots(out: Path,  # folder of the PNGs
                ) -> list[Path]:
     "Save PNGs of the dashboards of the latest run into `out`; their paths."
     r = running(workdir)
-    if set(r) != {"prefect", "mlflow"}: raise RuntimeError("the dashboards are not running: start them with `fruitflow up`")
+    if set(r) != {"prefect", "mlflow"}:
+        raise RuntimeError("the dashboards are not running: start them with `fruitflow up`")
     run = latest_run(r["mlflow"]["url"], experiment)
     run["artifact_id"] = artifact_id(r["prefect"]["url"], run["flow_run_id"])
     out = Path(out); out.mkdir(parents=True, exist_ok=True)

@@ -17,19 +17,25 @@ __all__ = ['HOST', 'SERVERS', 'HEALTH', 'API', 'WARM', 'PARENT', 'start_time', '
 # %% ../nbs/13_servers.ipynb #991fed1f
 HOST = "127.0.0.1"  # loopback only
 SERVERS = ("prefect", "mlflow")  # in start order
-HEALTH = {"prefect": "/api/health", "mlflow": "/health", "lab": "/api"}  # each server's health endpoint (lab: `fruitflow lab`'s JupyterLab)
+# each server's health endpoint (lab: `fruitflow lab`'s JupyterLab)
+HEALTH = {"prefect": "/api/health", "mlflow": "/health", "lab": "/api"}
 API = {"prefect": "/api", "mlflow": ""}  # what a client appends to the server's URL
 
-def _client_host(host: str) -> str: return HOST if host in ("0.0.0.0", "::") else host  # where this machine reaches a server bound to `host`
+def _client_host(host: str) -> str:
+    return HOST if host in ("0.0.0.0", "::") else host  # where this machine reaches a server bound to `host`
 
-def _command(name: str, port: int, workdir: Path, database: str = "", host: str = HOST) -> tuple[list[str], dict]:  # database: a PostgreSQL server for both ("": SQLite in `workdir`)
+# database: a PostgreSQL server for both ("": SQLite in `workdir`)
+def _command(name: str, port: int, workdir: Path, database: str = "", host: str = HOST) -> tuple[list[str], dict]:
     "The command line and extra environment that start server `name` on `host`:`port` over `workdir`'s stores."
-    if name == "kernel": return [sys.executable, "-c", "from fruitflow.warm import keep; keep()"], {}  # the warm kernel's keeper (no port)
-    bin_, db = Path(sys.executable).parent, server_env(database, name) if database else {}  # the database's password in the environment, never the command line
+    # the warm kernel's keeper (no port)
+    if name == "kernel": return [sys.executable, "-c", "from fruitflow.warm import keep; keep()"], {}
+    # the database's password in the environment, never the command line
+    bin_, db = Path(sys.executable).parent, server_env(database, name) if database else {}
     if name == "prefect":
         return ([str(bin_/"prefect"), "server", "start", "--host", host, "--port", str(port)],
                 {"PREFECT_HOME": str(workdir/PREFECT_HOME), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_API_URL": f"http://{_client_host(host)}:{port}/api", "PREFECT_UI_API_URL": f"http://{_client_host(host)}:{port}/api"} | db)
+                 "PREFECT_API_URL": f"http://{_client_host(host)}:{port}/api",
+                 "PREFECT_UI_API_URL": f"http://{_client_host(host)}:{port}/api"} | db)
     store = [] if database else ["--backend-store-uri", f"sqlite:///{(workdir/'mlflow.db').as_posix()}"]
     return ([str(bin_/"mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1", *store,
              "--artifacts-destination", (workdir/"mlartifacts").as_uri()],
@@ -66,7 +72,8 @@ def env_from_servers(workdir: Path) -> dict[str, str]:
 def _port_free(port: int, host: str = HOST) -> bool:
     "Can a server bind `port` on `host` (the loopback address)?"
     with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a port in TIME_WAIT after `down` is free
+        # as the servers do: a port in TIME_WAIT after `down` is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try: s.bind((host, port)); return True
         except OSError: return False
 
@@ -76,7 +83,8 @@ def _healthy(info: dict, timeout: float = 2) -> bool:
         with urllib.request.urlopen(info["url"] + HEALTH[info["name"]], timeout=timeout) as r: return r.status == 200
     except OSError: return False
 
-WARM = {"prefect": "/api/admin/version", "mlflow": "/api/2.0/mlflow/experiments/search?max_results=1"}  # each server's first API call after `up`
+# each server's first API call after `up`
+WARM = {"prefect": "/api/admin/version", "mlflow": "/api/2.0/mlflow/experiments/search?max_results=1"}
 
 def _warm_up(info: dict, timeout: float = 30) -> None:
     "Make the first API call to the server of `info`, which costs a fresh server what it sets up on it, so that the first run does not wait for that."
@@ -89,8 +97,10 @@ def _start(name: str, port: int|None, workdir: Path, database: str = "", host: s
     state.mkdir(parents=True, exist_ok=True)
     log = state/f"{name}.log"
     with open(log, "ab") as f:
-        p = subprocess.Popen(cmd, cwd=workdir, env=os.environ | extra, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    info = dict(name=name, pid=p.pid, start=start_time(p.pid), port=port, url=f"http://{_client_host(host)}:{port}" if port else None, log=str(log))
+        p = subprocess.Popen(cmd, cwd=workdir, env=os.environ | extra, stdout=f, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    info = dict(name=name, pid=p.pid, start=start_time(p.pid), port=port,
+                url=f"http://{_client_host(host)}:{port}" if port else None, log=str(log))
     _pidfile(workdir, name).write_text(json.dumps(info))
     return info
 
@@ -102,10 +112,13 @@ def _wait(infos: list[dict], timeout: float, out=sys.stdout) -> list[str]:
     while pending and time.monotonic() - t0 < timeout:
         failed += [i["name"] for i in pending if start_time(i["pid"]) != i["start"]]  # died
         pending = [i for i in pending if start_time(i["pid"]) == i["start"] and not _healthy(i)]
-        if pending and tty: out.write(f"\r{frames[int(time.monotonic() * 4) % 4]} waiting for {', '.join(i['name'] for i in pending)} ... {time.monotonic() - t0:3.0f} s "); out.flush()
+        if pending and tty:
+            out.write(f"\r{frames[int(time.monotonic() * 4) % 4]} waiting for {', '.join(i['name'] for i in pending)} "
+                      f"... {time.monotonic() - t0:3.0f} s "); out.flush()
         if pending: time.sleep(0.5)
     cr, pad = ("\r", " " * 30) if tty else ("", "")
-    out.write(f"{cr}{'ready' if not failed + pending else 'gave up'} after {time.monotonic() - t0:.0f} s{pad}\n"); out.flush()
+    out.write(f"{cr}{'ready' if not failed + pending else 'gave up'} after "
+              f"{time.monotonic() - t0:.0f} s{pad}\n"); out.flush()
     return failed + [i["name"] for i in pending]
 
 def _group(pgid: int) -> list[int]:
@@ -122,7 +135,8 @@ def _stop(info: dict, grace: float = 20) -> None:
     "Stop the server of `info` and its children (its process group), SIGKILL after `grace` seconds."
     pid = info["pid"]
     try:
-        if start_time(pid) != info["start"] or os.getpgid(pid) != pid: return  # not ours, or not a group leader: touch nothing
+        # not ours, or not a group leader: touch nothing
+        if start_time(pid) != info["start"] or os.getpgid(pid) != pid: return
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError: return  # it ended meanwhile
     end = time.monotonic() + grace
@@ -144,7 +158,8 @@ def up(args) -> int:
     ports, have = {"prefect": args.prefect_port, "mlflow": args.mlflow_port}, running(wd)
     for n in SERVERS:
         if n not in have and not _port_free(ports[n], args.host):
-            print(f"fruitflow up: error: port {ports[n]} on {args.host} is taken by another program; choose another with --{n}-port", file=sys.stderr)
+            print(f"fruitflow up: error: port {ports[n]} on {args.host} is taken by another program; "
+                  f"choose another with --{n}-port", file=sys.stderr)
             return 1
     if args.host not in (HOST, "localhost", "::1"): _exposed(args.host)
     if args.database and len(have) < len(SERVERS):
@@ -152,7 +167,8 @@ def up(args) -> int:
         except DatabaseError as e:
             print(f"fruitflow up: error: {e}", file=sys.stderr)
             return 1
-        print(f"stores: PostgreSQL {redacted(args.database)}, databases {', '.join(DATABASES.values())}" + (f" (created {', '.join(made)})" if made else ""))
+        print(f"stores: PostgreSQL {redacted(args.database)}, databases {', '.join(DATABASES.values())}"
+              + (f" (created {', '.join(made)})" if made else ""))
     started = [_start(n, ports[n], wd, args.database, args.host) for n in SERVERS if n not in have]
     for n, i in have.items(): print(f"{n} is already running (pid {i['pid']})")
     failed = _wait(started + list(have.values()), args.timeout)
@@ -161,12 +177,14 @@ def up(args) -> int:
         if i: _stop(i)
         _pidfile(wd, n).unlink(missing_ok=True)
     if failed:
-        print(f"fruitflow up: error: {', '.join(failed)} did not answer within {args.timeout:.0f} s; see {wd/STATE}/<server>.log", file=sys.stderr)
+        print(f"fruitflow up: error: {', '.join(failed)} did not answer within {args.timeout:.0f} s; "
+              f"see {wd/STATE}/<server>.log", file=sys.stderr)
         return 1
     r = running(wd)
     for i in r.values(): _warm_up(i)
     if args.warm_kernel and _keep_kernel(wd, args.timeout): return 1
-    print(f"Prefect: {r['prefect']['url']}\nMLflow:  {r['mlflow']['url']}\n`fruitflow run --workdir {args.workdir}` now uses them; `fruitflow down` stops them.")
+    print(f"Prefect: {r['prefect']['url']}\nMLflow:  {r['mlflow']['url']}\n"
+          f"`fruitflow run --workdir {args.workdir}` now uses them; `fruitflow down` stops them.")
     from fruitflow.tracking import settle
     for line in settle(wd): print(line)  # runs that ended while the server was away get their status now
     return 0
@@ -180,7 +198,8 @@ def _keep_kernel(wd: Path, timeout: float) -> int:
     end = time.monotonic() + timeout
     while not (o := offer(wd)) and start_time(i["pid"]) == i["start"] and time.monotonic() < end: time.sleep(0.2)
     if not o:
-        print(f"fruitflow up: error: the warm kernel did not start; see {i['log']} (or start with --no-warm-kernel)", file=sys.stderr)
+        print(f"fruitflow up: error: the warm kernel did not start; see {i['log']} (or start with --no-warm-kernel)",
+              file=sys.stderr)
         return 1
     print(f"a warm kernel (pid {o['pid']}) waits for the next run")
     return 0
@@ -189,12 +208,18 @@ def status(args) -> int:
     "`fruitflow status`: each server's URL, pid, health and log; exit code 1 when one is not running."
     r = running(Path(args.workdir))
     for n in SERVERS:
-        if i := r.get(n): print(f"{n:8} {i['url']:24} pid {i['pid']:<8} {'healthy' if _healthy(i) else 'NOT ANSWERING'}  log {i['log']}")
+        if i := r.get(n):
+            print(f"{n:8} {i['url']:24} pid {i['pid']:<8} "
+                  f"{'healthy' if _healthy(i) else 'NOT ANSWERING'}  log {i['log']}")
         else: print(f"{n:8} not running")
-    if i := running(Path(args.workdir), ("lab",)).get("lab"): print(f"{'lab':8} {i['url']:24} pid {i['pid']:<8} {'healthy' if _healthy(i) else 'NOT ANSWERING'}  log {i['log']}")  # `fruitflow lab`
+    # `fruitflow lab`
+    if i := running(Path(args.workdir), ("lab",)).get("lab"):
+        print(f"{'lab':8} {i['url']:24} pid {i['pid']:<8} "
+              f"{'healthy' if _healthy(i) else 'NOT ANSWERING'}  log {i['log']}")
     if i := running(Path(args.workdir), ("kernel",)).get("kernel"):
         from fruitflow.warm import offer
-        print(f"kernel   {'warm, pid ' + str(o['pid']) if (o := offer(Path(args.workdir))) else 'starting':24} keeper pid {i['pid']:<8} log {i['log']}")
+        print(f"kernel   {'warm, pid ' + str(o['pid']) if (o := offer(Path(args.workdir))) else 'starting':24} keeper "
+              f"pid {i['pid']:<8} log {i['log']}")
     return 0 if len(r) == len(SERVERS) else 1
 
 def down(args) -> int:
@@ -215,37 +240,47 @@ def add_parsers(sub) -> None:
     u.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server's port (default 5000)")
     u.add_argument("--timeout", type=float, default=300, help="seconds to wait for both to answer (default 300)")
     u.add_argument("--no-warm-kernel", dest="warm_kernel", action="store_false",
-                   help="keep no warm kernel for the next run (default: one waits, its modules imported; see fruitflow.warm)")
-    u.add_argument("--host", default=HOST, help=f"address both servers listen on (default {HOST}: this machine only; another warns, see docs/scale-out.md)")
-    u.add_argument("--database", default="", metavar="URL", help="keep both servers' state in PostgreSQL: postgresql://USER[:PASSWORD]@HOST:PORT (databases fruitflow_prefect, fruitflow_mlflow, created when missing; default: SQLite files here)")
+                   help="keep no warm kernel for the next run (default: one waits, its modules "
+                        "imported; see fruitflow.warm)")
+    u.add_argument("--host", default=HOST, help=f"address both servers listen on (default {HOST}: this machine only; "
+                                                "another warns, see docs/scale-out.md)")
+    u.add_argument("--database", default="", metavar="URL",
+                   help="keep both servers' state in PostgreSQL: postgresql://USER[:PASSWORD]@HOST:PORT (databases "
+                        "fruitflow_prefect, fruitflow_mlflow, created when missing; default: SQLite files here)")
     u.set_defaults(func=up)
     sub.add_parser("status", help="each dashboard's URL, pid, health and log").set_defaults(func=status)
     sub.add_parser("down", help="stop the dashboards that `fruitflow up` started").set_defaults(func=down)
     for p in (u, sub.choices["status"], sub.choices["down"]):
-        p.add_argument("--workdir", default=".", help="folder of mlflow.db, mlartifacts/, prefect_home/ (default: here)")
+        p.add_argument("--workdir", default=".",
+                       help="folder of mlflow.db, mlartifacts/, prefect_home/ (default: here)")
 
 # %% ../nbs/13_servers.ipynb #1dedad3b
 def env_defaults(workdir: Path):
     "Set fruitflow's defaults for Prefect, TensorFlow and MLflow where the user set nothing; servers `up` started over `workdir` are used."
     import fruitflow
-    if not fruitflow.PREFECT_HOME_CHOSEN: os.environ["PREFECT_HOME"] = str(Path(workdir).resolve()/PREFECT_HOME)  # the work folder's, not ~/.prefect
+    # the work folder's, not ~/.prefect
+    if not fruitflow.PREFECT_HOME_CHOSEN: os.environ["PREFECT_HOME"] = str(Path(workdir).resolve()/PREFECT_HOME)
     for k, v in {**env_from_servers(workdir),  # PREFECT_API_URL, MLFLOW_TRACKING_URI of running dashboards
                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # the console gets fruitflow's lines; the API everything
+                 # the console gets fruitflow's lines; the API everything
+                 "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
                  "MLFLOW_LOGGING_LEVEL": "WARNING",
                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # fruitflow prints the run once
-                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",  # a lost tracking server fails a step within ~10 s a call, not minutes
+                 # a lost tracking server fails a step within ~10 s a call, not minutes
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                 "MLFLOW_DISABLE_TELEMETRY": "true",  # offline by default; its thread also races MLflow's requests over os.environ
+                 # offline by default; its thread also races MLflow's requests over os.environ
+                 "MLFLOW_DISABLE_TELEMETRY": "true",
                  "TF_CPP_MIN_LOG_LEVEL": "2"}.items():
         os.environ.setdefault(k, v)
 
 def quiet_heartbeats():
     "Prefect's settings for a flow run: no flow-run heartbeats unless the user set their frequency."
     from prefect.settings import get_current_settings, temporary_settings
-    chosen = "heartbeat_frequency" in get_current_settings().flows.model_fields_set  # by a variable, a .env, a prefect.toml or a profile
+    # by a variable, a .env, a prefect.toml or a profile
+    chosen = "heartbeat_frequency" in get_current_settings().flows.model_fields_set
     return temporary_settings(updates=None if chosen else {"flows.heartbeat_frequency": None})
 
 # %% ../nbs/13_servers.ipynb #2b02bcc2
@@ -268,7 +303,8 @@ def prefect_app():
 def prefect_template() -> Path:
     "Where the migrated, empty database of the installed Prefect and its collections is kept for fresh homes."
     from importlib.metadata import entry_points, version
-    collections = "+".join(sorted(f"{ep.name}-{ep.dist.version if ep.dist else '?'}" for ep in entry_points(group="prefect.collections")))
+    collections = "+".join(
+        sorted(f"{ep.name}-{ep.dist.version if ep.dist else '?'}" for ep in entry_points(group="prefect.collections")))
     return user_cache()/f"prefect-{version('prefect')}-{hashlib.sha256(collections.encode()).hexdigest()[:8]}.db"
 
 def _copy_db(src: Path, dst: Path) -> bool:
@@ -287,16 +323,20 @@ def _copy_db(src: Path, dst: Path) -> bool:
 
 class TemporaryPrefectServer:
     "Prefect's server for one run, launched at once (a fresh home from the kept database) and waited for with `wait()`; stopped at exit."
-    tries = 2  # launches, each on a fresh port: uvicorn exits with 3 when its port was taken meanwhile (or when the app fails to start)
+    # launches, each on a fresh port: uvicorn exits with 3 when its port was taken meanwhile (or when the app fails to
+    # start)
+    tries = 2
     def __init__(self, home: Path, timeout: float|None = None):  # seconds to wait (None: $PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, else 180)
         import atexit
         timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180)
         self.home, self.timeout, self.log = Path(home), timeout, Path(home)/"temporary-server.log"
         db = self.home/"prefect.db"
-        default = not any(os.environ.get(k) for k in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"))
+        default = not any(os.environ.get(k)
+                          for k in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"))
         try: self.template = prefect_template()
         except RuntimeError: default = False  # no home folder for a cache: Prefect migrates, as it would
-        self.keep = default and not db.exists() and not (self.template.is_file() and _copy_db(self.template, db))  # a fresh database: keep it once migrated
+        # a fresh database: keep it once migrated
+        self.keep = default and not db.exists() and not (self.template.is_file() and _copy_db(self.template, db))
         self.since = self.log.stat().st_size if self.log.exists() else 0  # where this process's part of the log starts
         self.process, self.url, self.launches = None, "", 0
         self._launch()
@@ -306,12 +346,17 @@ class TemporaryPrefectServer:
         with socket.socket() as s: s.bind((HOST, 0)); port = s.getsockname()[1]
         self.url, self.launches = f"http://{HOST}:{port}/api", self.launches + 1
         self.home.mkdir(parents=True, exist_ok=True)
-        env = os.environ | {PARENT: str(os.getpid()), "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"}  # its console is a log file
+        # its console is a log file
+        env = os.environ | {PARENT: str(os.getpid()), "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"}
         with open(self.log, "a") as log:  # the server keeps its own copy
-            print(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} process {os.getpid()} starts Prefect's temporary server on {self.url}", file=log, flush=True)
-            self.process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "fruitflow.servers:prefect_app", "--host", HOST, "--port", str(port),
-                                             "--log-level", "error", "--lifespan", "on"], env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)  # Ctrl-C in the terminal reaches this process, not its server
+            print(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} process {os.getpid()} starts Prefect's "
+                  f"temporary server on {self.url}", file=log, flush=True)
+            # Ctrl-C in the terminal reaches this process, not its server
+            self.process = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory",
+                                             "fruitflow.servers:prefect_app", "--host", HOST, "--port", str(port),
+                                             "--log-level", "error", "--lifespan", "on"],
+                                            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
 
     def wait(self) -> str:
         "Wait until the server answers; its API URL."
@@ -319,26 +364,30 @@ class TemporaryPrefectServer:
         while True:
             if (code := self.process.poll()) is not None:
                 if code == 3 and self.launches < self.tries: self._launch(); continue
-                raise RuntimeError(f"Prefect's temporary server exited with code {code} before it answered{self._why()} (its messages: {self.log}); "
-                                   "or set PREFECT_API_URL to a running server")
+                raise RuntimeError(f"Prefect's temporary server exited with code {code} before it "
+                                   f"answered{self._why()} (its messages: {self.log}); or set "
+                                   "PREFECT_API_URL to a running server")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2): pass
                 if self.keep and _copy_db(self.home/"prefect.db", self.template):
-                    print(f"kept Prefect's migrated, empty database in {self.template}: fresh homes start from a copy (delete it at will)", flush=True)
+                    print(f"kept Prefect's migrated, empty database in {self.template}: fresh homes start from a "
+                          "copy (delete it at will)", flush=True)
                 self.keep = False
                 return self.url
             except OSError: pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"Prefect's temporary server did not answer in {self.timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; its messages: {self.log}); "
-                                   "or set PREFECT_API_URL to a running server")
+                raise RuntimeError(f"Prefect's temporary server did not answer in {self.timeout:.0f} s "
+                                   f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; its messages: {self.log}); or "
+                                   "set PREFECT_API_URL to a running server")
             time.sleep(0.1)
 
     def _why(self) -> str:
         "The last exception the server's log names, as ': <exception>'; '' if none."
         with contextlib.suppress(OSError), open(self.log, "rb") as f:
             f.seek(self.since)  # not an earlier run's
-            errs = [l for l in f.read().decode(errors="replace").splitlines() if re.match(r"[\w.]*(Error|Exception): ", l)]
+            errs = [l for l in f.read().decode(errors="replace").splitlines()
+                    if re.match(r"[\w.]*(Error|Exception): ", l)]
             if errs: return f": {errs[-1][:300]}"
         return ""
 

@@ -30,14 +30,16 @@ def _fingerprint(source: str) -> list:
     "Names, sizes and times of a local source's files (a folder or an archive): what tells that it changed."
     p = Path(source)
     if p.is_file(): return [p.name, p.stat().st_size, p.stat().st_mtime_ns]
-    if p.is_dir(): return sorted((str(f.relative_to(p)), f.lstat().st_size, f.lstat().st_mtime_ns) for f in p.rglob("*"))
+    if p.is_dir():
+        return sorted((str(f.relative_to(p)), f.lstat().st_size, f.lstat().st_mtime_ns) for f in p.rglob("*"))
     return []
 
 def step_key(step: str, params: dict, before: str, run_dir: Path) -> str:
     "A digest of what `step`'s result depends on: its executed source, its parameters, its inputs."
     src = [c.source for c in step_notebook(step).cells if c.cell_type == "code"]
     p = {k: v for k, v in params.items() if k not in ("mlflow_run_id", "tracking_uri")}
-    inputs = _fingerprint(params["source"]) if step == "download" else file_sha256(Path(run_dir)/"manifest.csv") if step == "preprocess" else before
+    inputs = (_fingerprint(params["source"]) if step == "download"
+              else file_sha256(Path(run_dir)/"manifest.csv") if step == "preprocess" else before)
     return hashlib.sha256(json.dumps([src, p, inputs], sort_keys=True, default=str).encode()).hexdigest()
 
 def load_state(run_dir: Path) -> dict:
@@ -52,15 +54,20 @@ def save_state(run_dir: Path, state: dict):
 def resumable(workdir: Path, which: str = "latest") -> Path:
     "The run folder `which` names: `latest`, a folder, or the start of an MLflow run id."
     states = sorted((Path(workdir).resolve()/"runs").glob(f"*/{STATE}"))
-    if which != "latest": states = [s for s in states if s.parent == Path(which).resolve() or load_state(s.parent)["run_id"].startswith(which)]
-    if not states: raise ResumeError(f"no run {'' if which == 'latest' else repr(which) + ' '}to resume in {Path(workdir).resolve()/'runs'}")
+    if which != "latest":
+        states = [s for s in states if s.parent == Path(which).resolve()
+                  or load_state(s.parent)["run_id"].startswith(which)]
+    if not states:
+        raise ResumeError(f"no run {'' if which == 'latest' else repr(which) + ' '}to resume in "
+                          f"{Path(workdir).resolve()/'runs'}")
     return states[-1].parent
 
 # %% ../nbs/18_state.ipynb #02ee0c40
 class Progress:
     "The steps a run folder records, and which of them a run may reuse."
     def __init__(self, run_dir: Path, state: dict, from_step: str = "", only: str = ""):
-        self.run_dir, self.state, self.from_step, self.only, self.before, self.key = Path(run_dir), state, from_step, only, "", ""
+        self.run_dir, self.state, self.from_step, self.only, self.before, self.key = (Path(run_dir), state, from_step,
+                                                                                      only, "", "")
         self.current = ""  # the step asked about last: the one running, when the run is interrupted
 
     @classmethod
@@ -77,13 +84,17 @@ class Progress:
 
     def reuse(self, step: str, params: dict) -> dict|None:
         "What `step` glued before when that is current and not to be rerun; None when it runs. `OnlyDone` when `--only`'s step is behind."
-        self.current, self.key, done = step, step_key(step, params, self.before, self.run_dir), self.state["steps"].get(step)
+        self.current, self.key, done = (step, step_key(step, params, self.before, self.run_dir),
+                                        self.state["steps"].get(step))
         forced = step == self.only or self.from_step and STEPS.index(step) >= STEPS.index(self.from_step)
-        if not forced and done and done["key"] == self.key and all(Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/")):
+        if not forced and done and done["key"] == self.key and all(
+                Path(v).exists() for v in done["scraps"].values() if isinstance(v, str) and v.startswith("/")):
             self.before = self.key
             return done["scraps"]
-        if self.only and STEPS.index(step) > STEPS.index(self.only): raise OnlyDone(self.only, list(STEPS[STEPS.index(step):]))
-        if self.only and step != self.only: raise ResumeError(f"step '{step}' has no current result in {self.run_dir}: use --from {step}")
+        if self.only and STEPS.index(step) > STEPS.index(self.only):
+            raise OnlyDone(self.only, list(STEPS[STEPS.index(step):]))
+        if self.only and step != self.only:
+            raise ResumeError(f"step '{step}' has no current result in {self.run_dir}: use --from {step}")
         return None
 
     def done(self, step: str, scraps: dict, seconds: float):
@@ -92,16 +103,24 @@ class Progress:
         save_state(self.run_dir, self.state); self.before = self.key
 
 # %% ../nbs/18_state.ipynb #827dbfe8
-KEEP_ON_RESUME = ("step_timeout", "kernel_per_step", "workdir", "tracking_uri", "resume", "from_step", "only")  # what a resumed run may change
-ADDED_LATER = {"synthetic": 0, "min_test_images": 0}  # options newer than some runs: what a run that stored none of them did
+# what a resumed run may change
+KEEP_ON_RESUME = ("step_timeout", "kernel_per_step", "workdir", "tracking_uri", "resume", "from_step", "only")
+# options newer than some runs: what a run that stored none of them did
+ADDED_LATER = {"synthetic": 0, "min_test_images": 0}
 
 def resume_config(cfg: Config) -> Config:
     "The options the run to resume started with, plus this call's resume options; any other change is an error."
     from pydantic import ValidationError
     run_dir = resumable(cfg.workdir, cfg.resume or "latest")
-    stored, now, default = ADDED_LATER | load_state(run_dir)["config"], cfg.model_dump(mode="json"), Config().model_dump(mode="json")
+    stored, now, default = (ADDED_LATER | load_state(run_dir)["config"], cfg.model_dump(mode="json"),
+                            Config().model_dump(mode="json"))
     changed = [k for k in now if k not in KEEP_ON_RESUME and now[k] != default[k] and now[k] != stored.get(k)]
-    if changed: raise ResumeError(f"{run_dir.name} continues with the options it started with; start a new run to change {', '.join(map(flag, changed))}")
-    stored = {k: v for k, v in stored.items() if k in Config.model_fields}  # options a newer fruitflow dropped (kernels_ahead)
-    try: return Config(**stored | {k: now[k] for k in KEEP_ON_RESUME if now[k] != default[k]} | {"resume": str(run_dir)})
-    except ValidationError as e: raise ResumeError(f"{run_dir.name} cannot be resumed: {e.errors()[0]['msg']}") from None
+    if changed:
+        raise ResumeError(f"{run_dir.name} continues with the options it started with; start a new run to change "
+                          f"{', '.join(map(flag, changed))}")
+    # options a newer fruitflow dropped (kernels_ahead)
+    stored = {k: v for k, v in stored.items() if k in Config.model_fields}
+    try:
+        return Config(**stored | {k: now[k] for k in KEEP_ON_RESUME if now[k] != default[k]} | {"resume": str(run_dir)})
+    except ValidationError as e:
+        raise ResumeError(f"{run_dir.name} cannot be resumed: {e.errors()[0]['msg']}") from None

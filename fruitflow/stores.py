@@ -11,7 +11,8 @@ from urllib.parse import unquote, urlsplit
 __all__ = ['DATABASES', 'DatabaseError', 'parse', 'redacted', 'server_env', 'ensure_databases']
 
 # %% ../nbs/21_stores.ipynb #ffe5cf90
-DATABASES = {"prefect": "fruitflow_prefect", "mlflow": "fruitflow_mlflow"}  # each server's database on the PostgreSQL server
+# each server's database on the PostgreSQL server
+DATABASES = {"prefect": "fruitflow_prefect", "mlflow": "fruitflow_mlflow"}
 
 class DatabaseError(ValueError):
     "A `--database` URL that is malformed, or a PostgreSQL server that refuses it; the message is one line, without the password."
@@ -20,7 +21,8 @@ def parse(url: str) -> dict:
     "The user, password, host and port of `postgresql://USER[:PASSWORD]@HOST[:PORT]`."
     u = urlsplit(url)
     if u.scheme not in ("postgresql", "postgres") or not u.hostname or not u.username or u.path.strip("/"):
-        raise DatabaseError(f"--database: expected postgresql://USER[:PASSWORD]@HOST:PORT (no database name: fruitflow uses {', '.join(DATABASES.values())}), not {redacted(url)}")
+        raise DatabaseError("--database: expected postgresql://USER[:PASSWORD]@HOST:PORT (no database name: fruitflow "
+                            f"uses {', '.join(DATABASES.values())}), not {redacted(url)}")
     try: port = u.port or 5432
     except ValueError: raise DatabaseError(f"--database: the port of {redacted(url)} is not a number") from None
     return dict(user=unquote(u.username), password=unquote(u.password or ""), host=u.hostname, port=port)
@@ -28,7 +30,8 @@ def parse(url: str) -> dict:
 def redacted(url: str) -> str:
     "`url` with its password, if any, as `***`."
     u = urlsplit(url)
-    return u._replace(netloc=f"{u.username}:***@{u.netloc.rsplit('@', 1)[1]}").geturl() if u.password is not None else url
+    return (u._replace(netloc=f"{u.username}:***@{u.netloc.rsplit('@', 1)[1]}").geturl() if u.password is not None
+            else url)
 
 # %% ../nbs/21_stores.ipynb #23316165
 def server_env(url: str, name: str) -> dict[str, str]:
@@ -37,16 +40,20 @@ def server_env(url: str, name: str) -> dict[str, str]:
     where = f"{d['user']}@{d['host']}:{d['port']}/{DATABASES[name]}"
     env = {"PGPASSWORD": d["password"]} if d["password"] else {}
     if name == "prefect": return env | {"PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{where}"}
-    return env | {"MLFLOW_BACKEND_STORE_URI": f"postgresql+psycopg2://{where}"}  # `mlflow server` reads its --backend-store-uri here; the driver named (SQLAlchemy 2.1's default is psycopg 3)
+    # `mlflow server` reads its --backend-store-uri here; the driver named (SQLAlchemy 2.1's default is psycopg 3)
+    return env | {"MLFLOW_BACKEND_STORE_URI": f"postgresql+psycopg2://{where}"}
 
 def ensure_databases(url: str) -> list[str]:
     "Create the servers' databases on the PostgreSQL server of `url` where missing; the names of those made."
     try: import psycopg2
-    except ImportError: raise DatabaseError('--database needs the PostgreSQL driver: pip install "fruitflow[postgres]"') from None
+    except ImportError:
+        raise DatabaseError('--database needs the PostgreSQL driver: pip install "fruitflow[postgres]"') from None
     d = parse(url)
     try:
-        with contextlib.closing(psycopg2.connect(dbname="postgres", user=d["user"], password=d["password"] or None, host=d["host"], port=d["port"], connect_timeout=10)) as c:
-            c.autocommit = True  # CREATE DATABASE runs outside a transaction (psycopg2's `with connection` would open one)
+        with contextlib.closing(psycopg2.connect(dbname="postgres", user=d["user"], password=d["password"] or None,
+                                                 host=d["host"], port=d["port"], connect_timeout=10)) as c:
+            # CREATE DATABASE runs outside a transaction (psycopg2's `with connection` would open one)
+            c.autocommit = True
             with c.cursor() as cur:
                 cur.execute("select datname from pg_database")
                 have = {r[0] for r in cur.fetchall()}
@@ -54,4 +61,5 @@ def ensure_databases(url: str) -> list[str]:
                 for n in made: cur.execute(f'create database "{n}"')
         return made
     except psycopg2.Error as e:
-        raise DatabaseError(f"--database: PostgreSQL at {d['user']}@{d['host']}:{d['port']} refused: {str(e).strip().splitlines()[0]}") from None
+        raise DatabaseError(f"--database: PostgreSQL at {d['user']}@{d['host']}:{d['port']} refused: "
+                            f"{str(e).strip().splitlines()[0]}") from None

@@ -29,7 +29,9 @@ class ServerUnreachable(RuntimeError):
 
 def check_server(uri: str):
     "Raise `ServerUnreachable` when the MLflow server at `uri` does not answer (a flow run on a worker has no preflight but this)."
-    if why := unreachable(uri): raise ServerUnreachable(f"the MLflow server at {uri} is unreachable ({why}): start it (fruitflow up) or unset MLFLOW_TRACKING_URI")
+    if why := unreachable(uri):
+        raise ServerUnreachable(f"the MLflow server at {uri} is unreachable ({why}): start it (fruitflow up) or "
+                                "unset MLFLOW_TRACKING_URI")
 
 @contextlib.contextmanager
 def _store_lock(uri: str):
@@ -54,7 +56,9 @@ def experiment_id(client, cfg: Config, uri: str) -> str:
     from mlflow.exceptions import MlflowException
     if exp := client.get_experiment_by_name(cfg.experiment): return exp.experiment_id
     local = not uri.startswith(("http://", "https://", "databricks"))
-    try: return client.create_experiment(cfg.experiment, (Path(cfg.workdir).resolve()/ARTIFACTS).as_uri() if local else None)
+    try:
+        return client.create_experiment(cfg.experiment,
+                                        (Path(cfg.workdir).resolve()/ARTIFACTS).as_uri() if local else None)
     except MlflowException: return client.get_experiment_by_name(cfg.experiment).experiment_id  # created meanwhile
 
 # %% ../nbs/17_tracking.ipynb #88241198
@@ -65,7 +69,8 @@ class TrackingLost(RuntimeError):
 
 def _unregister(client, undo: dict) -> None:
     "Undo a registration whose step failed after it: delete the new version and give the alias back to the champion it replaced."
-    with contextlib.suppress(Exception): client.delete_model_version(undo["model_name"], str(undo["version"]))  # gone already: fine
+    # gone already: fine
+    with contextlib.suppress(Exception): client.delete_model_version(undo["model_name"], str(undo["version"]))
     if undo.get("promoted") and undo.get("previous_champion"):
         client.set_registered_model_alias(undo["model_name"], undo["alias"], str(undo["previous_champion"]))
 
@@ -86,13 +91,15 @@ def finish(client, ending: dict, run_dir: Path, what: str) -> None:
         except Exception:
             if not (why := unreachable(uri)): raise  # the server answers: a real error
     (Path(run_dir)/PENDING).write_text(json.dumps(ending, indent=1))
-    raise TrackingLost(f"{what}; the MLflow server at {uri} does not answer ({why}), so run {ending['run_id']} is not marked {ending['status']} yet: "
-                       f"`fruitflow up` or the next `fruitflow run` will do it once the server answers (kept in {Path(run_dir)/PENDING})")
+    raise TrackingLost(f"{what}; the MLflow server at {uri} does not answer ({why}), so run {ending['run_id']} is not "
+                       f"marked {ending['status']} yet: `fruitflow up` or the next `fruitflow run` will do it once the "
+                       f"server answers (kept in {Path(run_dir)/PENDING})")
 
 def settle(workdir: Path) -> list[str]:
     "Apply the run endings kept while their MLflow server did not answer, where it answers now; a line for each one applied."
     done, runs = [], Path(workdir).resolve()/"runs"
-    for f in sorted(runs.glob(f"*/{PENDING}")) + sorted(runs.glob(f"*/trial-*/{PENDING}")):  # a pipeline's or a sweep's run, a sweep's trials
+    # a pipeline's or a sweep's run, a sweep's trials
+    for f in sorted(runs.glob(f"*/{PENDING}")) + sorted(runs.glob(f"*/trial-*/{PENDING}")):
         ending = json.loads(f.read_text())
         if unreachable(ending["tracking_uri"], timeout=2): continue
         client = mlflow_client(ending["tracking_uri"])
@@ -103,7 +110,8 @@ def settle(workdir: Path) -> list[str]:
             done.append(f"could not end MLflow run {ending['run_id']} as {f} says: {one_line(e, 200)}")
             continue
         f.unlink()
-        done.append(f"MLflow run {ending['run_id']} marked {ending['status']} (its ending was kept in {f} while the server did not answer)")
+        done.append(f"MLflow run {ending['run_id']} marked {ending['status']} (its ending was kept in {f} while "
+                    "the server did not answer)")
     return done
 
 # %% ../nbs/17_tracking.ipynb #44e8a3b6
@@ -118,7 +126,8 @@ def notebook_recorder(client, run_id: str, uri: str):
 class Run:
     "The MLflow run of one pipeline execution, its run folder and its progress."
     def __init__(self, cfg: Config, client, uri: str, run_id: str, dir: Path, progress: Progress):
-        self.cfg, self.client, self.uri, self.id, self.dir, self.progress = cfg, client, uri, run_id, Path(dir), progress
+        self.cfg, self.client, self.uri, self.id, self.dir, self.progress = (cfg, client, uri, run_id, Path(dir),
+                                                                             progress)
 
     @property
     def params(self) -> dict:
@@ -137,8 +146,10 @@ def new_run(cfg: Config, client, uri: str,
     from prefect import runtime
     name = runtime.flow_run.name or "fruitflow"
     run_id = client.create_run(experiment_id(client, cfg, uri), run_name=f"{kind}-{name}" if kind else name,
-                               tags={"prefect.flow_run_id": str(runtime.flow_run.id or ""), "source": cfg.source} | (tags or {})).info.run_id
-    run_dir = Path(cfg.workdir).resolve()/"runs"/f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{kind + '-' if kind else ''}{run_id[:8]}"
+                               tags={"prefect.flow_run_id": str(runtime.flow_run.id or ""), "source": cfg.source}
+                               | (tags or {})).info.run_id
+    run_dir = (Path(cfg.workdir).resolve()/"runs"
+               /f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{kind + '-' if kind else ''}{run_id[:8]}")
     run_dir.mkdir(parents=True)
     client.set_tag(run_id, "run_dir", str(run_dir))
     return run_id, run_dir
@@ -155,14 +166,17 @@ def _open(cfg: Config, client, uri: str) -> tuple[Run, str]:
         for k, v in flow_run.items(): client.set_tag(run_id, k, v)
         print(f"resuming MLflow run {run_id} ({uri}) in {cfg.resume}", flush=True)
         return Run(cfg, client, uri, run_id, cfg.resume, progress), prior
-    source = {"mlflow.source.name": "fruitflow.flow.pipeline: nbs/01_download … 05_register.ipynb", "mlflow.source.type": "JOB"}  # what ran
+    # what ran
+    source = {"mlflow.source.name": "fruitflow.flow.pipeline: nbs/01_download … 05_register.ipynb",
+              "mlflow.source.type": "JOB"}
     run_id, run_dir = new_run(cfg, client, uri, tags=source)
     print(f"MLflow run {run_id} ({uri}), notebooks in {run_dir}", flush=True)
     return Run(cfg, client, uri, run_id, run_dir, Progress.new(run_dir, run_id, cfg)), "RUNNING"
 
 def _link(uri: str, experiment_id: str, run_id: str) -> str:
     "The MLflow run in markdown: a link to its page when the tracking URI is a server, else its id and store."
-    if uri.startswith(("http://", "https://")): return f"[{run_id}]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+    if uri.startswith(("http://", "https://")):
+        return f"[{run_id}]({uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
     return f"`{run_id}` in `{uri}`"
 
 def _report(run: Run) -> None:
@@ -172,9 +186,12 @@ def _report(run: Run) -> None:
         r = run.client.get_run(run.id)
         rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(r.data.metrics.items()) if not k.startswith("system/"))
         create_markdown_artifact(key="fruitflow-run", description=f"MLflow run {run.id}",
-                                 markdown=f"# MLflow run {r.info.run_name}\n\nStatus **{r.info.status}**: {_link(run.uri, r.info.experiment_id, run.id)}\n\n"
+                                 markdown=f"# MLflow run {r.info.run_name}\n\nStatus **{r.info.status}**: "
+                                          f"{_link(run.uri, r.info.experiment_id, run.id)}\n\n"
                                           f"| metric | value |\n|---|---|\n{rows}\n")
-    except Exception as e: print(f"fruitflow: could not attach the metrics artifact to the flow run: {e}", file=sys.stderr)  # the run's result stands
+    except Exception as e:
+        # the run's result stands
+        print(f"fruitflow: could not attach the metrics artifact to the flow run: {e}", file=sys.stderr)
 
 # %% ../nbs/17_tracking.ipynb #218581f7
 @contextlib.contextmanager
@@ -196,15 +213,18 @@ def pipeline_run(cfg: Config):
         tags |= {"failed_step": e.step, "error": str(e)[:5000]}; what = str(e)
         if e.step == "register" and e.scraps.get("version"):
             undo = {k: e.scraps.get(k) for k in ("model_name", "version", "alias", "promoted", "previous_champion")}
-            tags["registration_undone"] = f"version {undo['version']} of {undo['model_name']} deleted: the step failed after making it"
+            tags["registration_undone"] = (f"version {undo['version']} of {undo['model_name']} deleted: "
+                                           "the step failed after making it")
         raise
     except Exception as e:
         tags["error"] = one_line(e, 2000)
         raise
-    except BaseException:  # Ctrl-C, SIGTERM and SIGHUP (see `interrupt_on_signals`), Prefect's TerminationSignal, SystemExit
+    except BaseException:
+        # Ctrl-C, SIGTERM and SIGHUP (see `interrupt_on_signals`), Prefect's TerminationSignal, SystemExit
         step = run.progress.current
         status, what = "KILLED", f"interrupted during step '{step}'"
-        tags |= {"failed_step": step, "error": f"interrupted during step '{step}': its outputs in {run.dir} are partial"}
+        tags |= {"failed_step": step,
+                 "error": f"interrupted during step '{step}': its outputs in {run.dir} are partial"}
         raise
     finally:
         finish(client, dict(run_id=run.id, tracking_uri=uri, status=status, tags=tags, undo=undo), run.dir, what)
@@ -216,4 +236,5 @@ def _interrupt(signum, frame): raise KeyboardInterrupt(signal.Signals(signum).na
 def interrupt_on_signals() -> None:
     "Make SIGTERM, and SIGHUP unless ignored, end the process as Ctrl-C does (call from the main thread)."
     signal.signal(signal.SIGTERM, _interrupt)
-    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL: signal.signal(signal.SIGHUP, _interrupt)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, _interrupt)

@@ -19,7 +19,8 @@ __all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZES', 'HEAD_L2', 'HEAD_RATE
 
 # %% ../nbs/03_train.ipynb #1f20c8b9
 PIPELINE = tf.data.Options()
-PIPELINE.autotune.enabled = False  # no tuning thread: a fit's iterator goes away at once (measured above), epochs as fast
+# no tuning thread: a fit's iterator goes away at once (measured above), epochs as fast
+PIPELINE.autotune.enabled = False
 
 def load_split(split_dir: Path,  # the folder preprocess wrote
                split: str,  # train, val or test
@@ -39,8 +40,10 @@ def load_split(split_dir: Path,  # the folder preprocess wrote
         return np.concatenate([x[own], ex[more]]).astype(np.float32), np.concatenate([y[own], ey[more]])
     ds = tf.data.Dataset.from_tensor_slices(idx)
     if shuffle: ds = ds.shuffle(max(len(idx), 1), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda i: tf.numpy_function(gather, [i], (tf.float32, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(lambda a, b: (tf.ensure_shape(a, (None, *x.shape[1:])), tf.ensure_shape(b, (None,)))).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).map(lambda i: tf.numpy_function(gather, [i], (tf.float32, tf.int32)),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda a, b: (tf.ensure_shape(a, (None, *x.shape[1:])),
+                              tf.ensure_shape(b, (None,)))).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(PIPELINE)
 
 def split_info(split_dir: Path) -> dict:
@@ -58,15 +61,18 @@ def synthetic_images(classes: list[str],  # the split's classes
     kinds = [m[1] if (m := re.fullmatch(r"(apple|orange)s?", c.lower())) else None for c in classes]
     if n <= 0 or None in kinds or len(set(kinds)) < len(kinds): return None
     y, shape = np.repeat(np.arange(len(classes), dtype=np.int32), n), (len(kinds) * n, size, size, 3)
-    code = hashlib.sha256(Path(fruitflow.download.__file__).read_bytes()).hexdigest()[:12]  # another generator draws other images
+    # another generator draws other images
+    code = hashlib.sha256(Path(fruitflow.download.__file__).read_bytes()).hexdigest()[:12]
     stem = f"mix-{'-'.join(kinds)}-n{n}-{size}px-s{seed}"  # these images, by any version of the generator
     cached = Path(cache_dir)/f"{stem}-{code}.npy" if cache_dir else None
     if cached and cached.exists():
         try:
             if (x := np.load(cached)).shape == shape and x.dtype == np.uint8: return x, y
         except (OSError, ValueError): pass  # unreadable: drawn again and replaced
-    base = 2**40 + seed * 1_000_003  # another stream than the synthetic source's (seed * 1_000_003 + ...): no image of its test split comes back
-    x = np.stack([np.asarray(fruitflow.download.draw(k, base + c * 100_000_007 + i, size), dtype=np.uint8) for c, k in enumerate(kinds) for i in range(n)])
+    # another stream than the synthetic source's (seed * 1_000_003 + ...): no image of its test split comes back
+    base = 2**40 + seed * 1_000_003
+    x = np.stack([np.asarray(fruitflow.download.draw(k, base + c * 100_000_007 + i, size), dtype=np.uint8)
+                  for c, k in enumerate(kinds) for i in range(n)])
     if cached:
         part = cached.with_name(f".{cached.name}.{os.getpid()}-{threading.get_ident()}.part")
         try:
@@ -89,21 +95,28 @@ def augment_images(x: tf.Tensor,  # a batch of images, pixel values 0–255
     "Flip, rotate, zoom and translate each image of `x` in one affine warp, then jitter its brightness, contrast and saturation."
     if strength <= 0: return x
     s, (h, w) = strength, x.shape[1:3]
-    u = tf.unstack(tf.random.stateless_uniform([8, tf.shape(x)[0]], seed, -1.0, 1.0))  # one amount of each kind per image, in [-1, 1)
+    # one amount of each kind per image, in [-1, 1)
+    u = tf.unstack(tf.random.stateless_uniform([8, tf.shape(x)[0]], seed, -1.0, 1.0))
     flip = tf.where(u[0] < 0, -1.0, 1.0)  # horizontal, half the time
-    angle, zoom = u[1] * 0.08 * s * 2 * math.pi, 1 + u[2] * 0.15 * s  # up to ±29° (at strength 1); zoom in or out by up to 15 %
+    # up to ±29° (at strength 1); zoom in or out by up to 15 %
+    angle, zoom = u[1] * 0.08 * s * 2 * math.pi, 1 + u[2] * 0.15 * s
     zcos, zsin, (cx, cy) = zoom * tf.cos(angle), zoom * tf.sin(angle), ((w - 1) / 2, (h - 1) / 2)
-    a0, a1, b0, b1 = zcos * flip, -zsin, zsin * flip, zcos  # each output pixel's place in the input, about the centre...
-    a2, b2 = cx - a0 * cx - a1 * cy - u[3] * 0.1 * s * w, cy - b0 * cx - b1 * cy - u[4] * 0.1 * s * h  # ...shifted by up to 10 % each way
+    # each output pixel's place in the input, about the centre...
+    a0, a1, b0, b1 = zcos * flip, -zsin, zsin * flip, zcos
+    # ...shifted by up to 10 % each way
+    a2, b2 = cx - a0 * cx - a1 * cy - u[3] * 0.1 * s * w, cy - b0 * cx - b1 * cy - u[4] * 0.1 * s * h
     warp = tf.stack([a0, a1, a2, b0, b1, b2, tf.zeros_like(a0), tf.zeros_like(a0)], 1)
-    x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=warp, output_shape=[h, w], fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+    x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=warp, output_shape=[h, w], fill_value=0.0,
+                                              interpolation="BILINEAR", fill_mode="REFLECT")
     per_image = lambda v: v[:, None, None, None]
     x = tf.clip_by_value(x + per_image(u[5] * 0.15 * s * 255), 0, 255)  # brightness ±15 % of the range
     mean = tf.reduce_mean(x, [1, 2], keepdims=True)
     x = tf.clip_by_value((x - mean) * per_image(1 + u[6] * 0.15 * s) + mean, 0, 255)  # contrast ±15 %
-    f = 0.5 + u[7] * 0.1 * s  # saturation as Keras' RandomSaturation draws it: 0.5 keeps it, here ×2/3 to ×3/2 at strength 1...
+    # saturation as Keras' RandomSaturation draws it: 0.5 keeps it, here ×2/3 to ×3/2 at strength 1...
+    f = 0.5 + u[7] * 0.1 * s
     grey = tf.reduce_sum(x * [0.299, 0.587, 0.114], -1, keepdims=True)
-    return tf.clip_by_value(grey + per_image(f / (1 - f)) * (x - grey), 0, 255)  # ...applied as a blend with the grey image, not through HSV
+    # ...applied as a blend with the grey image, not through HSV
+    return tf.clip_by_value(grey + per_image(f / (1 - f)) * (x - grey), 0, 255)
 
 def augmented(ds: tf.data.Dataset,  # batches of (images, labels), e.g. `load_split(...).repeat()`
               strength: float = 1.0,  # see `augment_images`
@@ -111,7 +124,8 @@ def augmented(ds: tf.data.Dataset,  # batches of (images, labels), e.g. `load_sp
              ) -> tf.data.Dataset:
     "`ds` with every batch's images augmented by `augment_images` and its labels untouched; the same seed gives the same images."
     aug = lambda i, b: (augment_images(b[0], tf.stack([tf.constant(seed, tf.int64), i]), strength), b[1])
-    return ds.enumerate().map(aug, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).with_options(PIPELINE)
+    return (ds.enumerate().map(aug, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+            .with_options(PIPELINE))
 
 # %% ../nbs/03_train.ipynb #c211f72c
 def build_model(kind: str = "small",  # small | lab | efficientnet
@@ -155,10 +169,14 @@ def _build(kind, image_size, n_classes, width, seed, colour, features="pooled"):
         base.trainable = False  # only the new head learns
         x = inputs if image_size == side else layers.Resizing(side, side)(inputs)
         x = base(x, training=False)
-        x = layers.Dropout(0.0 if features == "fruit" else 0.3, seed=seed)(imagenet_scores()(x) if features == "fruit" else x)  # 10 scores: dropping any underfits
+        # 10 scores: dropping any underfits
+        x = layers.Dropout(0.0 if features == "fruit" else 0.3, seed=seed)(
+            imagenet_scores()(x) if features == "fruit" else x)
     else: raise ValueError(f"model_kind {kind!r}: expected small, lab or efficientnet")
-    init = "zeros" if kind == "efficientnet" and features == "fruit" else "glorot_uniform"  # 10 scores of about ±6: random weights would start far off
-    return keras.Model(inputs, layers.Dense(n_classes, activation="softmax", dtype="float32", kernel_initializer=init)(x), name=kind)
+    # 10 scores of about ±6: random weights would start far off
+    init = "zeros" if kind == "efficientnet" and features == "fruit" else "glorot_uniform"
+    return keras.Model(inputs, layers.Dense(n_classes, activation="softmax", dtype="float32",
+                                            kernel_initializer=init)(x), name=kind)
 
 def _colour_histogram(pixels, bins: int):
     "A soft colour histogram: `bins` learned colour regions (1×1 convolutions), each pixel's share averaged over the image."
@@ -169,7 +187,8 @@ def _build_state(model: keras.Model, size: int):
     "Create the optimizer's and the metrics' variables before `fit`: Keras would create them in the first traced step, and TensorFlow then traces that step a second time (about 1 s here)."
     n = model.outputs[0].shape[-1]
     model.optimizer.build(model.trainable_variables)
-    y_pred = np.full((1, n), 1 / n, np.float32)  # not the model's own output: calling it would move its random streams, and seeded runs would change
+    # not the model's own output: calling it would move its random streams, and seeded runs would change
+    y_pred = np.full((1, n), 1 / n, np.float32)
     model.compute_metrics(np.zeros((1, size, size, 3), np.float32), np.zeros(1, np.int32), y_pred)
     model.reset_metrics()
 
@@ -177,7 +196,9 @@ def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
     "Steps per epoch: one pass over `n` images, or more (the set repeated) so that `epochs` make `min_steps`."
     return max(-(-n // batch_size), -(-min_steps // max(epochs, 1)), 1)
 
-HEAD_L2, HEAD_RATE, HEAD_STEPS = 1e-3, 1e-2, 300  # efficientnet's head on a split of fewer than FEW images (see above): the L2 penalty of its weights, Adam's rate, full-batch steps in all
+# efficientnet's head on a split of fewer than FEW images (see above): the L2 penalty of its weights, Adam's rate,
+# full-batch steps in all
+HEAD_L2, HEAD_RATE, HEAD_STEPS = 1e-3, 1e-2, 300
 
 def regression_head(x: np.ndarray,  # features, one row per image
                     y: np.ndarray,  # their labels
@@ -191,11 +212,15 @@ def regression_head(x: np.ndarray,  # features, one row per image
                    ) -> tuple[keras.Model, dict]:
     "efficientnet's head on a tiny split: a softmax regression of `x` from zero weights, L2-penalised, fitted by Adam on every row at each step; the head and its history."
     f = keras.Input(x.shape[1:])
-    dense = layers.Dense(n_classes, activation="softmax", kernel_initializer="zeros", kernel_regularizer=keras.regularizers.L2(HEAD_L2))
+    dense = layers.Dense(n_classes, activation="softmax", kernel_initializer="zeros",
+                         kernel_regularizer=keras.regularizers.L2(HEAD_L2))
     head, steps = keras.Model(f, dense(f)), _steps(1, 1, epochs, HEAD_STEPS)
-    # an epoch's steps in one call of the compiled step: the same updates, without Python between them (0.57 s a fit, not 1.05)
-    head.compile(keras.optimizers.Adam(HEAD_RATE), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"], steps_per_execution=steps)
-    batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(len(y))
+    # an epoch's steps in one call of the compiled step: the same updates, without Python between them
+    # (0.57 s a fit, not 1.05)
+    head.compile(keras.optimizers.Adam(HEAD_RATE), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"],
+                 steps_per_execution=steps)
+    batches = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+               .repeat().batch(len(y)))
     hist = head.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=verbose, batch_size=batch_size,
                     shuffle=False, class_weight=class_weight, callbacks=list(callbacks)).history
     return head, hist
@@ -214,13 +239,15 @@ def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a froze
     val = load_split(split_dir, "val", batch_size)
     val = (features.predict(val, verbose=0), np.concatenate([b[1].numpy() for b in val])) if has_val else None
     if tiny:  # a fresh softmax regression on every image; its weights then go to `model`'s
-        head, hist = regression_head(x, y, dense.units, epochs, seed, class_weight, len(y), callbacks=callbacks)  # its batch: all of them
+        # its batch: all of them
+        head, hist = regression_head(x, y, dense.units, epochs, seed, class_weight, len(y), callbacks=callbacks)
         dense.set_weights(head.layers[-1].get_weights())
         return hist
     f = keras.Input(x.shape[1:])
     head = keras.Model(f, dense(drop(f)))  # the very layers of `model`: training it trains them
     head.compile(model.optimizer, keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
-    batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
+    batches = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+               .repeat().batch(batch_size))
     hist = head.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2, batch_size=batch_size, shuffle=False,
                     validation_data=val, class_weight=class_weight, callbacks=callbacks).history
     return hist
@@ -252,55 +279,74 @@ def train(split_dir: Path,  # the split written by preprocess
           callbacks: list = (),  # Keras callbacks of the fit, besides early stopping (`EpochLog` in a run)
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
-    if precision not in (*PRECISIONS, "auto"): raise ValueError(f"precision {precision!r}: expected {', '.join(PRECISIONS)} or auto")
-    if precision == "auto": precision = "bfloat16" if bfloat16_native() and model_kind != "efficientnet" else "float32"  # efficientnet: see above
+    if precision not in (*PRECISIONS, "auto"):
+        raise ValueError(f"precision {precision!r}: expected {', '.join(PRECISIONS)} or auto")
+    # efficientnet: see above
+    if precision == "auto": precision = "bfloat16" if bfloat16_native() and model_kind != "efficientnet" else "float32"
     keras.utils.set_random_seed(seed)
-    info, model_path, small = split_info(split_dir), Path(model_path), model_kind != "lab"  # small and efficientnet: the tiny-data recipe
+    # small and efficientnet: the tiny-data recipe
+    info, model_path, small = split_info(split_dir), Path(model_path), model_kind != "lab"
     min_steps = (200 if small else 0) if min_steps is None else min_steps
     min_epochs = (epochs // 2 if small else 0) if min_epochs is None else min(min_epochs, epochs - 1)
-    if model_kind == "efficientnet" and synthetic: print(f"no synthetic photos mixed in: they make efficientnet worse on real photos"); synthetic = 0
+    if model_kind == "efficientnet" and synthetic:
+        print(f"no synthetic photos mixed in: they make efficientnet worse on real photos"); synthetic = 0
     extra = synthetic_images(info["classes"], synthetic, info["image_size"], seed, cache_dir)
-    if synthetic and extra is None: print(f"no synthetic photos mixed in: the generator draws apples and oranges, not {', '.join(info['classes'])}")
+    if synthetic and extra is None:
+        print(f"no synthetic photos mixed in: the generator draws apples and oranges, not {', '.join(info['classes'])}")
     n_extra = 0 if extra is None else len(extra[1])
     steps = _steps(len(info["splits"]["train"]) + n_extra, batch_size, epochs, min_steps)
-    if tiny := model_kind == "efficientnet" and len(info["splits"]["train"]) < FEW:  # efficientnet's head on a tiny split: see above
+    # efficientnet's head on a tiny split: see above
+    if tiny := model_kind == "efficientnet" and len(info["splits"]["train"]) < FEW:
         steps = _steps(1, 1, epochs, HEAD_STEPS)  # full batches
-        print(f"efficientnet's head: a logistic regression on {len(info['splits']['train'])} training and {len(info['splits']['val'])} validation photos together, {epochs * steps} steps, no early stopping")
-    lr = keras.optimizers.schedules.CosineDecay(learning_rate, steps * epochs, alpha=0.1) if (small if schedule is None else schedule) else learning_rate
+        print(f"efficientnet's head: a logistic regression on {len(info['splits']['train'])} training and "
+              f"{len(info['splits']['val'])} validation photos together, {epochs * steps} steps, no early stopping")
+    lr = (keras.optimizers.schedules.CosineDecay(learning_rate, steps * epochs, alpha=0.1)
+          if (small if schedule is None else schedule) else learning_rate)
     model = build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour, precision, features)
     model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     _build_state(model, info["image_size"])
     fitted = info["splits"]["train"] + (info["splits"]["val"] if tiny else [])
     y = np.concatenate([np.load(Path(split_dir)/"y.npy")[fitted], [] if extra is None else extra[1]])
     weights = {c: len(y) / (len(info["classes"]) * max(1, (y == c).sum())) for c in range(len(info["classes"]))}
-    has_val = len(info["splits"]["val"]) > 0 and not tiny  # a tiny split's head learns from its val photos: nothing is left to stop on
-    stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True, start_from_epoch=min_epochs)] if has_val else []
+    # a tiny split's head learns from its val photos: nothing is left to stop on
+    has_val = len(info["splits"]["val"]) > 0 and not tiny
+    stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True,
+                                          start_from_epoch=min_epochs)] if has_val else []
     stop += list(callbacks)
-    if model_kind == "efficientnet": hist = _fit_head(model, split_dir, batch_size, epochs, steps, seed, weights, stop, has_val, tiny)
+    if model_kind == "efficientnet":
+        hist = _fit_head(model, split_dir, batch_size, epochs, steps, seed, weights, stop, has_val, tiny)
     else:
         # the dataset batches and shuffles itself
         batches = load_split(split_dir, "train", batch_size, shuffle=True, seed=seed, extra=extra).repeat()
-        if small and augment > 0: batches = augmented(batches, augment, seed)  # lab: as the lab trained it, no augmentation
+        # lab: as the lab trained it, no augmentation
+        if small and augment > 0: batches = augmented(batches, augment, seed)
         hist = model.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=2,
-                         batch_size=batch_size, shuffle=False, validation_data=load_split(split_dir, "val", batch_size) if has_val else None,
+                         batch_size=batch_size, shuffle=False,
+                         validation_data=load_split(split_dir, "val", batch_size) if has_val else None,
                          class_weight=weights, callbacks=stop).history
     if precision != "float32":  # saved in float32, so that it predicts alike on every machine, with or without bfloat16
-        trained, model = model, build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour, features=features)
+        trained, model = model, build_model(model_kind, info["image_size"], len(info["classes"]), width, seed, colour,
+                                            features=features)
         model.set_weights(trained.get_weights())  # its weights were float32 all along
         model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
         model.optimizer.build(model.trainable_variables)
-        for v, w in zip(model.optimizer.variables, trained.optimizer.variables, strict=True): v.assign(w)  # its state too, as float32 training saves it
+        # its state too, as float32 training saves it
+        for v, w in zip(model.optimizer.variables, trained.optimizer.variables, strict=True): v.assign(w)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     model.save(model_path)
     weights_path = model_path.with_suffix(".weights.h5")
     model.save_weights(weights_path)
-    recipe = dict(model_kind=model_kind, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width, augment=augment,
-                  patience=patience, seed=seed, synthetic=synthetic, precision=precision, features=features)
-    meta = {k: info[k] for k in ("classes", "image_size")} | {"recipe": recipe}  # the recipe: what the evaluate step cross-validates
+    recipe = dict(model_kind=model_kind, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width,
+                  augment=augment, patience=patience, seed=seed, synthetic=synthetic, precision=precision,
+                  features=features)
+    # the recipe: what the evaluate step cross-validates
+    meta = {k: info[k] for k in ("classes", "image_size")} | {"recipe": recipe}
     (meta_path := model_path.with_suffix(".json")).write_text(json.dumps(meta))
-    best = (min_epochs + int(np.argmin(hist["val_loss"][min_epochs:]))) if has_val and len(hist["loss"]) > min_epochs else len(hist["loss"]) - 1
+    best = ((min_epochs + int(np.argmin(hist["val_loss"][min_epochs:]))) if has_val and len(hist["loss"]) > min_epochs
+            else len(hist["loss"]) - 1)
     return dict(model_path=str(model_path), weights_path=str(weights_path), meta_path=str(meta_path),
-                epochs_run=len(hist["loss"]), best_epoch=best + 1, steps_per_epoch=steps, precision=precision, n_params=int(model.count_params()), n_synthetic=n_extra,
+                epochs_run=len(hist["loss"]), best_epoch=best + 1, steps_per_epoch=steps, precision=precision,
+                n_params=int(model.count_params()), n_synthetic=n_extra,
                 **{k: float(v[best]) for k, v in hist.items() if k != "learning_rate"})
 
 # %% ../nbs/03_train.ipynb #33ef92af
@@ -329,11 +375,12 @@ def used_params(model_kind: str,  # small | lab | efficientnet
                ) -> dict:
     "The parameters a `train` of `model_kind` on `n_train` images uses, for the run's record (its kind and seed aside)."
     if model_kind == "efficientnet" and n_train < FEW:  # the tiny-split head: full batches of the train and val images
-        return dict(head="logistic regression", epochs=epochs, batch_size=n_train + n_val, head_steps=HEAD_STEPS, head_learning_rate=HEAD_RATE,
-                    head_l2=HEAD_L2)
+        return dict(head="logistic regression", epochs=epochs, batch_size=n_train + n_val, head_steps=HEAD_STEPS,
+                    head_learning_rate=HEAD_RATE, head_l2=HEAD_L2)
     out = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=patience)
     if model_kind == "small": out |= dict(width=width, augment=augment)  # lab: its own layers, no augmentation
-    return out | (dict(synthetic=synthetic) if model_kind != "efficientnet" else {})  # efficientnet mixes in no drawn photos
+    # efficientnet mixes in no drawn photos
+    return out | (dict(synthetic=synthetic) if model_kind != "efficientnet" else {})
 
 # %% ../nbs/03_train.ipynb #7a8231f4
 class EpochLog(keras.callbacks.Callback):
