@@ -17,7 +17,8 @@ def run(args) -> int:
     from fruitflow.notebooks import StepFailed
     from fruitflow.prepare import NotReady, prepared
     from fruitflow.state import ResumeError, resume_config
-    from fruitflow.tracking import ServerUnreachable, TrackingLost, interrupt_on_signals  # none of these imports Prefect
+    # none of these imports Prefect
+    from fruitflow.tracking import ServerUnreachable, TrackingLost, interrupt_on_signals
     cfg = config(args)
     if cfg.resume or cfg.from_step or cfg.only:
         try: cfg = resume_config(cfg)
@@ -25,7 +26,8 @@ def run(args) -> int:
             print(f"fruitflow run: error: {e}", file=sys.stderr)
             return 2
     try:
-        with prepared(cfg):  # the kernel and a temporary Prefect server start first, while Prefect and the flow are imported
+        # the kernel and a temporary Prefect server start first, while Prefect and the flow are imported
+        with prepared(cfg):
             from fruitflow.flow import pipeline
             interrupt_on_signals()
             got = pipeline(**cfg.model_dump(mode="json"))
@@ -57,15 +59,20 @@ def next_steps(got: dict,  # what a finished run's steps glued
     from fruitflow.servers import running
     here, workdir = Path.cwd().resolve(), Path(workdir).resolve()
     info = json.loads((Path(got["split_dir"])/"split.json").read_text())
-    photo = Path(info["files"][(info["splits"]["test"] or range(len(info["files"])))[0]])  # a test photo: the model never trained on it
+    # a test photo: the model never trained on it
+    photo = Path(info["files"][(info["splits"]["test"] or range(len(info["files"])))[0]])
     if photo.is_relative_to(here): photo = photo.relative_to(here)
-    model = [] if (got["alias"], got["model_name"]) == ("champion", "fruitflow") else ["--model", f"models:/{got['model_name']}/{got['version']}"]
-    cd = "" if workdir == here else f"cd {shlex.quote(str(workdir))} && "  # predict reads the registry of the folder it runs in
+    model = ([] if (got["alias"], got["model_name"]) == ("champion", "fruitflow")
+             else ["--model", f"models:/{got['model_name']}/{got['version']}"])
+    # predict reads the registry of the folder it runs in
+    cd = "" if workdir == here else f"cd {shlex.quote(str(workdir))} && "
     predict = f"{cd}{shlex.join(['fruitflow', 'predict', *model, str(photo)])}"
     up = running(workdir)
-    dashboards = (f"the dashboards: Prefect {up['prefect']['url']}, MLflow {up['mlflow']['url']}" if {"prefect", "mlflow"} <= set(up)
+    dashboards = (f"the dashboards: Prefect {up['prefect']['url']}, MLflow {up['mlflow']['url']}"
+                  if {"prefect", "mlflow"} <= set(up)
                   else f"{cd}fruitflow up   # the Prefect and MLflow dashboards of this work folder")
-    return f"next: {predict}   # {got['model_name']} version {got['version']} (@{got['alias']}) labels a test photo\n      {dashboards}"
+    return (f"next: {predict}   # {got['model_name']} version {got['version']} (@{got['alias']}) labels a test photo\n"
+            f"      {dashboards}")
 
 # %% ../nbs/11_cli.ipynb #d1302da9
 class _Parser(argparse.ArgumentParser):
@@ -77,8 +84,10 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     "The `fruitflow` command line."
-    from fruitflow import deploy, lab, report, screenshots, serve, servers, sweep_cli  # each adds its commands with `add_parsers(sub)`
-    p = _Parser(prog="fruitflow", description="A notebook-first ML pipeline: Prefect runs the step notebooks, MLflow tracks them.")
+    # each adds its commands with `add_parsers(sub)`
+    from fruitflow import deploy, lab, report, screenshots, serve, servers, sweep_cli
+    p = _Parser(prog="fruitflow",
+                description="A notebook-first ML pipeline: Prefect runs the step notebooks, MLflow tracks them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run the pipeline once (download → preprocess → train → evaluate → register)")
     add_options(r)  # every run option, as `Config` declares it
@@ -102,6 +111,8 @@ def _stacks_on_signal():
 def main(argv: list[str]|None = None) -> int:
     "The `fruitflow` command."
     _stacks_on_signal()
-    atexit.register(gc.freeze)  # runs after the exit handlers registered later (Prefect's, MLflow's); then the interpreter's exit skips sweeping their objects (1.8 s: docs/benchmarks.md)
+    # runs after the exit handlers registered later (Prefect's, MLflow's); then the interpreter's exit skips sweeping
+    # their objects (1.8 s: docs/benchmarks.md)
+    atexit.register(gc.freeze)
     args = parser().parse_args(argv)
     return args.func(args)

@@ -24,7 +24,8 @@ def parameters(step: str) -> dict:
 
 def step_options(step: str, cfg: Config) -> dict:
     "The run options of `cfg` that step `step` takes: those its notebook's `parameters` cell names, by name (`Config` declares each once)."
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k in parameters(step) and k != "tracking_uri"}  # that: the run's own URI
+    # not tracking_uri: that is the run's own URI
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k in parameters(step) and k != "tracking_uri"}
 
 def check_params(step: str, params: dict) -> None:
     "Raise if `params` names a parameter the step's notebook lacks, or has a value of the wrong type."
@@ -33,7 +34,8 @@ def check_params(step: str, params: dict) -> None:
         if k not in declared: raise ValueError(f"step {step!r} has no parameter {k!r} (it has: {', '.join(declared)})")
         want = _TYPES.get(declared[k]["inferred_type_name"])
         if want and (not isinstance(v, want) or isinstance(v, bool) and bool not in want):
-            raise TypeError(f"step {step!r}: parameter {k!r} must be {declared[k]['inferred_type_name']}, not {type(v).__name__} ({v!r})")
+            raise TypeError(f"step {step!r}: parameter {k!r} must be {declared[k]['inferred_type_name']}, "
+                            f"not {type(v).__name__} ({v!r})")
 
 # %% ../nbs/09_notebooks.ipynb #36a538a8
 _DIRECTIVE = re.compile(r"^#\|\s*(export|exports|eval:\s*false)\s*$", re.M)
@@ -42,10 +44,12 @@ def step_notebook(step: str):
     "The step's notebook as the pipeline runs it: parameters, exported code and run section."
     import nbformat
     nb = nbformat.read(nbs_dir()/NOTEBOOKS[step], as_version=4)
-    nb.cells = [c for c in nb.cells if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []) or _DIRECTIVE.search(c.source)]
+    nb.cells = [c for c in nb.cells
+                if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []) or _DIRECTIVE.search(c.source)]
     return nb
 
-_PARSING = threading.Lock()  # CPython 3.11 keeps the AST builder's depth per interpreter: two threads parsing at once can fail (gh-106905)
+# CPython 3.11 keeps the AST builder's depth per interpreter: two threads parsing at once can fail (gh-106905)
+_PARSING = threading.Lock()
 
 def step_modules(*steps: str) -> list[str]:
     "The modules the notebooks of `steps` import at top level, each once, in order."
@@ -57,7 +61,8 @@ def step_modules(*steps: str) -> list[str]:
         except SyntaxError: continue  # a magic, say: the notebook itself will tell
         for n in body:
             if isinstance(n, ast.Import): mods += [a.name for a in n.names]
-            elif isinstance(n, ast.ImportFrom) and n.module and not n.level and n.module != "__future__": mods.append(n.module)
+            elif isinstance(n, ast.ImportFrom) and n.module and not n.level and n.module != "__future__":
+                mods.append(n.module)
     return list(dict.fromkeys(mods))
 
 # %% ../nbs/09_notebooks.ipynb #5ec70cf7
@@ -71,7 +76,8 @@ class StepKernelManager(KernelManager):
     def start_kernel(self, **kw):  # the kernel's start-up chatter and C-level logs go to a file, not the console
         kw["extra_arguments"] = [*kw.get("extra_arguments", []), NO_OUTPUT_CACHE]
         if self.output is None or "stdout" in kw: return super().start_kernel(**kw)
-        with open(self.output, "ab") as f: return super().start_kernel(stdout=f, stderr=f, **kw)  # the kernel keeps its own copy
+        # the kernel keeps its own copy
+        with open(self.output, "ab") as f: return super().start_kernel(stdout=f, stderr=f, **kw)
     def client(self, **kw):  # remembered: nbclient leaves open the client it opened on a manager it was given
         self.clients.append(c := super().client(**kw))
         return c
@@ -86,8 +92,10 @@ class StepKernelManager(KernelManager):
 
 def _warm_code(mods: list[str]) -> str:
     "Code that imports `mods`, runs the `warm_up()` of fruitflow's modules among them, and leaves the namespace as it was."
-    return (f"def _fruitflow_warm():\n    import importlib\n    for m in {mods!r}:\n        try:\n            mod = importlib.import_module(m)\n"
-            f"            if m.split('.')[0] == 'fruitflow' and callable(getattr(mod, 'warm_up', None)): mod.warm_up()\n"
+    return (f"def _fruitflow_warm():\n    import importlib\n    for m in {mods!r}:\n        try:\n"
+            f"            mod = importlib.import_module(m)\n"
+            f"            if m.split('.')[0] == 'fruitflow' and callable(getattr(mod, 'warm_up', None)):"
+            f" mod.warm_up()\n"
             f"        except Exception: pass\n_fruitflow_warm(); del _fruitflow_warm")
 
 def _in_thread(f, *args) -> concurrent.futures.Future:
@@ -105,7 +113,8 @@ def _run_quietly(km, code: str, timeout: float):
     kc.start_channels()
     try: reply = kc.execute(code, silent=True, reply=True, timeout=timeout)
     finally: kc.stop_channels()
-    if reply["content"]["status"] != "ok": raise RuntimeError(f"{reply['content'].get('ename')}: {reply['content'].get('evalue')}")
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"{reply['content'].get('ename')}: {reply['content'].get('evalue')}")
 
 class Kernel:
     "One Jupyter kernel the steps share: made ready in the background (started here, or handed over by `start`), taken by each step in turn, stopped at the end."
@@ -116,13 +125,16 @@ class Kernel:
         self.workdir, self.log = Path(workdir).resolve(), Path(log or Path(workdir).resolve()/".fruitflow"/"kernel.log")
         self.km, self.used, self.stopped = StepKernelManager(), False, False
         self.ready = concurrent.futures.Future()
-        threading.Thread(target=self._start, args=(start or (lambda: self.start_here(steps)),), daemon=True, name="fruitflow-kernel-start").start()
+        threading.Thread(target=self._start, args=(start or (lambda: self.start_here(steps)),), daemon=True,
+                         name="fruitflow-kernel-start").start()
 
     def start_here(self, steps: tuple[str, ...]) -> KernelManager:
         "Start the kernel of `self.km` in the work folder and import the modules of `steps` in it."
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as out: self.km.start_kernel(cwd=str(self.workdir), stdout=out, stderr=out,  # the kernel keeps its own copy
-                                                           env=os.environ | {"FRUITFLOW_STEP": ",".join(steps)})  # which steps it is for, for whoever looks
+        with open(self.log, "ab") as out:
+            self.km.start_kernel(cwd=str(self.workdir), stdout=out, stderr=out,  # the kernel keeps its own copy
+                                 # which steps it is for, for whoever looks
+                                 env=os.environ | {"FRUITFLOW_STEP": ",".join(steps)})
         if self.stopped: raise RuntimeError("the run ended first")
         _run_quietly(self.km, _warm_code(step_modules(*steps)), timeout=600)
         return self.km
@@ -141,11 +153,14 @@ class Kernel:
         try:
             km = self.ready.result(timeout)
             if self.stopped or not km.is_alive(): raise RuntimeError("it is no longer running")
-            if self.used: _in_thread(_run_quietly, km, "get_ipython().reset(new_session=True)", min(timeout, 60)).result()
+            if self.used:
+                _in_thread(_run_quietly, km, "get_ipython().reset(new_session=True)", min(timeout, 60)).result()
             self.used = True
             return km
         except Exception as e:
-            with contextlib.suppress(OSError), open(self.log, "a") as l: print(f"fruitflow: the shared kernel is not usable ({type(e).__name__}: {e}); papermill starts one", file=l)
+            with contextlib.suppress(OSError), open(self.log, "a") as l:
+                print(f"fruitflow: the shared kernel is not usable ({type(e).__name__}: {e}); papermill starts one",
+                      file=l)
             return None
 
     def stop(self, now: bool = False):
@@ -160,7 +175,8 @@ class StepFailed(RuntimeError):
     "A step notebook that did not run to its end."
     def __init__(self, step: str, notebook: Path, reason: str, scraps: dict|None = None):
         self.step, self.notebook, self.reason, self.scraps = step, Path(notebook), reason, scraps or {}
-        super().__init__(f"step '{step}' failed: {reason} (debug it: fruitflow lab --run {self.notebook.parent} --step {step}; executed notebook: {notebook})")
+        super().__init__(f"step '{step}' failed: {reason} (debug it: fruitflow lab --run {self.notebook.parent} "
+                         f"--step {step}; executed notebook: {notebook})")
 
 def _reason(e: BaseException, timeout: int) -> str:
     "What went wrong in a notebook, in one line."
@@ -168,7 +184,9 @@ def _reason(e: BaseException, timeout: int) -> str:
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from jupyter_client.kernelspec import NoSuchKernel
     if isinstance(e, PapermillExecutionError):
-        if "Max retries exceeded" in e.evalue: return f"cell {e.exec_count} lost the MLflow server: {e.evalue.split(' failed with exception')[0]} failed after retries"
+        if "Max retries exceeded" in e.evalue:
+            return (f"cell {e.exec_count} lost the MLflow server: {e.evalue.split(' failed with exception')[0]} "
+                    "failed after retries")
         return f"cell {e.exec_count} raised {e.ename}: {e.evalue}"
     if isinstance(e, CellTimeoutError): return f"a cell ran longer than the step's limit of {timeout} s"
     if isinstance(e, DeadKernelError): return "the notebook's kernel died"
@@ -198,10 +216,13 @@ def execute(step: str,  # one of STEPS
     import papermill as pm, scrapbook as sb
     check_params(step, params)
     out, failed = Path(run_dir)/NOTEBOOKS[step], None
-    km = (kernel.take(timeout) if kernel else None) or StepKernelManager(output=Path(run_dir)/"kernels.log")  # papermill starts the kernel of a manager that has none
-    echo = _Echo(functools.partial(contextvars.copy_context().run, log))  # `log` is called from papermill's thread as from here (a flow's settings)
-    def run(): pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL, cwd=str(workdir),
-                                   progress_bar=False, stdout_file=echo, execution_timeout=timeout, km=km)
+    # papermill starts the kernel of a manager that has none
+    km = (kernel.take(timeout) if kernel else None) or StepKernelManager(output=Path(run_dir)/"kernels.log")
+    # `log` is called from papermill's thread as from here (a flow's settings)
+    echo = _Echo(functools.partial(contextvars.copy_context().run, log))
+    def run(): pm.execute_notebook(step_notebook(step), str(out), parameters=params, kernel_name=KERNEL,
+                                   cwd=str(workdir), progress_bar=False, stdout_file=echo, execution_timeout=timeout,
+                                   km=km)
     shared = kernel is not None and km is kernel.km
     try:
         ran = _in_thread(run)
@@ -215,12 +236,17 @@ def execute(step: str,  # one of STEPS
         finally:
             concurrent.futures.wait([ran])
             km.close_clients()  # once papermill's thread is over: a socket is not closed under a thread using it
-            with contextlib.suppress(OSError), open(Path(run_dir)/"kernels.log", "a") as l:  # which kernel ran it, for whoever looks
-                print(f"fruitflow: step '{step}' ran in {'the kernel the steps share' if shared else 'a kernel of its own'}, pid {km.kernel_pid}{km.origin}", file=l)
+            # which kernel ran it, for whoever looks
+            with contextlib.suppress(OSError), open(Path(run_dir)/"kernels.log", "a") as l:
+                print(f"fruitflow: step '{step}' ran in "
+                      f"{'the kernel the steps share' if shared else 'a kernel of its own'}, "
+                      f"pid {km.kernel_pid}{km.origin}", file=l)
             if not shared:
-                with contextlib.suppress(Exception): _in_thread(km.shutdown_kernel, failed is not None).result()  # papermill's own, for this step only
+                # papermill's own, for this step only
+                with contextlib.suppress(Exception): _in_thread(km.shutdown_kernel, failed is not None).result()
     finally: not_kept = record(out) if out.exists() else None  # on Ctrl-C too; a failed step's notebook above all
     if failed: raise failed
     scraps = {k: s.data for k, s in sb.read_notebook(str(out)).scraps.items()}
-    if not_kept: raise StepFailed(step, out, not_kept, scraps)  # a step is done when its record is; what it did may need undoing
+    # a step is done when its record is; what it did may need undoing
+    if not_kept: raise StepFailed(step, out, not_kept, scraps)
     return scraps

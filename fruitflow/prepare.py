@@ -30,7 +30,8 @@ def preflight(cfg: Config) -> str|None:
 
 # %% ../nbs/23_prepare.ipynb #2f62345b
 _servers: dict[Path, object] = {}  # Prefect home → its `TemporaryPrefectServer`
-_prepared: contextvars.ContextVar[Path|None] = contextvars.ContextVar("fruitflow_prepared", default=None)  # the work folder being run
+# the work folder being run
+_prepared: contextvars.ContextVar[Path|None] = contextvars.ContextVar("fruitflow_prepared", default=None)
 
 @contextlib.contextmanager
 def _console_at(level: str):
@@ -57,10 +58,13 @@ def prepared(cfg: Config,
     if why := preflight(cfg): raise NotReady(why)
     ahead = kernels.start_ahead(cfg) if kernel else None  # its imports overlap the rest
     home, server, ours = Path(os.environ["PREFECT_HOME"]), None, False
-    if not os.environ.get("PREFECT_API_URL"):  # neither the user's server nor `fruitflow up`'s: this process's temporary one in `home`
+    # neither the user's server nor `fruitflow up`'s: this process's temporary one in `home`
+    if not os.environ.get("PREFECT_API_URL"):
         from fruitflow.servers import TemporaryPrefectServer
-        server = _servers.get(home) or _servers.setdefault(home, TemporaryPrefectServer(home))  # launched now, it starts while MLflow and Prefect are imported
-        if ours := "prefect" not in sys.modules: os.environ["PREFECT_API_URL"] = server.url  # Prefect, imported next, reads it once: its threads report there too
+        # launched now, it starts while MLflow and Prefect are imported
+        server = _servers.get(home) or _servers.setdefault(home, TemporaryPrefectServer(home))
+        # Prefect, imported next, reads it once: its threads report there too
+        if ours := "prefect" not in sys.modules: os.environ["PREFECT_API_URL"] = server.url
     token = _prepared.set(wd)
     try:
         from fruitflow.tracking import mlflow_client, settle
@@ -70,7 +74,8 @@ def prepared(cfg: Config,
         try: api = server.wait() if server else os.environ["PREFECT_API_URL"]
         except RuntimeError: _servers.pop(home, None); raise  # the next call starts a new one
         if ours: os.environ["PREFECT_API_URL"] = api  # a new port if it had to start again
-        console = os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"]  # fruitflow prints a step's lines; Prefect's API gets them
+        # fruitflow prints a step's lines; Prefect's API gets them
+        console = os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"]
         with temporary_settings(updates={"api.url": api, "home": home}), quiet_heartbeats(), _console_at(console): yield
     finally:
         _prepared.reset(token)

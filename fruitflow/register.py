@@ -32,15 +32,21 @@ def promotion(acc: float,  # the new version's accuracy
              ) -> tuple[bool, str]:
     "Should the new version become the champion, and why."
     said = said or f"test accuracy {acc:.3f} on {n_test} test image{'s' * (n_test != 1)}"
-    if n_test < min_test_images: return False, f"{said}: a champion needs at least {min_test_images} (--min-test-images; more images per class make a larger test split)"
+    if n_test < min_test_images:
+        return False, (f"{said}: a champion needs at least {min_test_images} (--min-test-images; more images per "
+                       "class make a larger test split)")
     if acc < min_accuracy: return False, f"{said} is below the minimum {min_accuracy:.3f}"
     if min_test_images and not clearly_better(round(acc * n_test), n_test, baseline):
         return False, f"{said} is not clearly better than always giving the commonest answer ({baseline:.3f})"
     if champion is None: return True, f"there is no champion yet; {said}"
-    c_acc, c_src = float(champion.get("evidence_accuracy", champion.get("test_accuracy", 0))), champion.get("data_source", "")
-    if source == "synthetic" and c_src != "synthetic": return False, f"{said}, but trained on synthetic images; the champion was trained on real photos ({c_src})"
-    if c_src == "synthetic" and source != "synthetic": return True, f"{said}, trained on real photos ({source}); the champion was trained on synthetic images"
-    if source != c_src: return False, f"{said}, but trained on {source}, the champion on {c_src}: accuracies are not comparable"
+    c_acc, c_src = (float(champion.get("evidence_accuracy", champion.get("test_accuracy", 0))),
+                    champion.get("data_source", ""))
+    if source == "synthetic" and c_src != "synthetic":
+        return False, f"{said}, but trained on synthetic images; the champion was trained on real photos ({c_src})"
+    if c_src == "synthetic" and source != "synthetic":
+        return True, f"{said}, trained on real photos ({source}); the champion was trained on synthetic images"
+    if source != c_src:
+        return False, f"{said}, but trained on {source}, the champion on {c_src}: accuracies are not comparable"
     if acc >= c_acc: return True, f"{said} ≥ the champion's {c_acc:.3f} on {source}"
     return False, f"{said} < the champion's {c_acc:.3f} on {source}"
 
@@ -70,19 +76,21 @@ def register(model_uri: str,  # the logged model
     "Register `model_uri` as a new version of `model_name` and give it `alias` or `challenger`; no version is left without its alias."
     client = MlflowClient()
     champ = _champion(client, model_name, alias)
-    ev = evidence or dict(evidence=f"test accuracy {test_accuracy:.3f} on {n_test} test images", evidence_accuracy=test_accuracy,
-                          evidence_images=n_test, evidence_baseline=0.0)
-    promote, reason = promotion(ev["evidence_accuracy"], data_source, champ.tags if champ else None, min_accuracy, ev["evidence_images"],
-                                min_test_images, ev["evidence"] if evidence else "", ev["evidence_baseline"])
-    tags = {"test_accuracy": f"{test_accuracy:.6f}", "n_test": str(n_test), "data_source": data_source, "run_id": run_id,
-            "classes": json.dumps(_classes(model_uri)), "evidence": ev["evidence"], "evidence_accuracy": f"{ev['evidence_accuracy']:.6f}",
-            "evidence_images": str(ev["evidence_images"])}
+    ev = evidence or dict(evidence=f"test accuracy {test_accuracy:.3f} on {n_test} test images",
+                          evidence_accuracy=test_accuracy, evidence_images=n_test, evidence_baseline=0.0)
+    promote, reason = promotion(ev["evidence_accuracy"], data_source, champ.tags if champ else None, min_accuracy,
+                                ev["evidence_images"], min_test_images, ev["evidence"] if evidence else "",
+                                ev["evidence_baseline"])
+    tags = {"test_accuracy": f"{test_accuracy:.6f}", "n_test": str(n_test), "data_source": data_source,
+            "run_id": run_id, "classes": json.dumps(_classes(model_uri)), "evidence": ev["evidence"],
+            "evidence_accuracy": f"{ev['evidence_accuracy']:.6f}", "evidence_images": str(ev["evidence_images"])}
     mv = mlflow.register_model(model_uri, model_name, tags=tags)
     given = alias if promote else challenger
     try:
         client.set_registered_model_alias(model_name, given, mv.version)
         said = ev["evidence"][:1].upper() + ev["evidence"][1:]
-        client.update_model_version(model_name, mv.version, f"Trained on {data_source} data. {said}. @{given}: {reason}.")
+        client.update_model_version(model_name, mv.version,
+                                    f"Trained on {data_source} data. {said}. @{given}: {reason}.")
     except BaseException:
         client.delete_model_version(model_name, mv.version)
         raise

@@ -23,10 +23,11 @@ __all__ = ['Space', 'SweepConfig', 'points', 'task_runner', 'trial', 'best', 'Sw
 def _values(name: str):
     "A field of `Space`: one or more values of run option `name`, each checked as `Config` checks the option."
     f = Config.model_fields[name]
-    return (tuple[Annotated[(f.annotation, *f.metadata)], ...], Field(tried(name), min_length=1, description=f"{f.description}: the values to try"))
+    return (tuple[Annotated[(f.annotation, *f.metadata)], ...],
+            Field(tried(name), min_length=1, description=f"{f.description}: the values to try"))
 
-Space = create_model("Space", __config__=ConfigDict(frozen=True, extra="forbid"), __doc__="The values to try for each hyperparameter of a trial.",
-                     **{p: _values(p) for p in SWEPT})
+Space = create_model("Space", __config__=ConfigDict(frozen=True, extra="forbid"),
+                     __doc__="The values to try for each hyperparameter of a trial.", **{p: _values(p) for p in SWEPT})
 
 class SweepConfig(BaseModel):
     "One hyperparameter search: the shared pipeline settings, the space, and how to walk it."
@@ -37,7 +38,8 @@ class SweepConfig(BaseModel):
     trials: int = Field(0, ge=0, le=10_000)  # grid: at most this many (0: all); random: how many (0: 4)
     workers: int = Field(2, ge=1, le=256)  # trials running at once
     task_runner: str = Field(THREADS, pattern=r"^[A-Za-z_][\w.]*\.\w+$")  # dotted path of a Prefect task runner class
-    scheduler: str = ""  # address of a running Dask scheduler (tcp://HOST:PORT) the runner connects to ("": it starts its own cluster)
+    # address of a running Dask scheduler (tcp://HOST:PORT) the runner connects to ("": it starts its own cluster)
+    scheduler: str = ""
 
 # %% ../nbs/15_sweep.ipynb #75dfb924
 def points(space: Space,  # the values to try
@@ -59,14 +61,18 @@ def task_runner(path: str = THREADS,  # dotted path of a Prefect task runner cla
     mod, _, name = path.rpartition(".")
     try: cls = getattr(importlib.import_module(mod), name)
     except ImportError as e:
-        raise ValueError(f"task runner {path}: cannot import {mod} ({e}); install the package that provides it (pip install {mod.split('.')[0].replace('_', '-')})") from e
+        raise ValueError(f"task runner {path}: cannot import {mod} ({e}); install the package that provides it "
+                         f"(pip install {mod.split('.')[0].replace('_', '-')})") from e
     except AttributeError as e: raise ValueError(f"task runner {path}: {mod} has no {name}") from e
     params = inspect.signature(cls).parameters
     if scheduler:
-        if "address" not in params: raise ValueError(f"task runner {path} takes no scheduler address (--scheduler): use prefect_dask.DaskTaskRunner")
+        if "address" not in params:
+            raise ValueError(f"task runner {path} takes no scheduler address (--scheduler): "
+                             "use prefect_dask.DaskTaskRunner")
         return cls(address=scheduler)  # the cluster's own workers run the trials; --workers does not size it
     if "max_workers" in params: return cls(max_workers=workers)
-    if "cluster_kwargs" in params: return cls(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})  # prefect-dask: a LocalCluster
+    # prefect-dask: a LocalCluster
+    if "cluster_kwargs" in params: return cls(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
     return cls()
 
 # %% ../nbs/15_sweep.ipynb #81db3fb3
@@ -75,17 +81,21 @@ def _where() -> dict:
     return {"host": socket.gethostname(), "process_id": str(os.getpid())}
 
 @task(task_run_name="trial-{i:02d}", cache_policy=NO_CACHE)
-def trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent_id: str, experiment_id: str, uri: str) -> dict:
+def trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent_id: str, experiment_id: str,
+          uri: str) -> dict:
     "Train and evaluate one point of the space in a nested MLflow run; its metrics, or its error."
     from mlflow import MlflowClient
     from fruitflow.tracking import finish, notebook_recorder
-    client, name, opts = MlflowClient(uri), f"trial-{i:02d}", run.model_copy(update=point)  # the shared options, the point's values replacing theirs
-    rid = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, "trial": str(i), **_where()}).info.run_id
+    # opts: the shared options, the point's values replacing theirs
+    client, name, opts = MlflowClient(uri), f"trial-{i:02d}", run.model_copy(update=point)
+    rid = client.create_run(experiment_id, run_name=name,
+                            tags={"mlflow.parentRunId": parent_id, "trial": str(i), **_where()}).info.run_id
     tdir, workdir = Path(run_dir)/name, Path(run.workdir).resolve()
     tdir.mkdir(parents=True)
     track, status, tags, what = dict(mlflow_run_id=rid, tracking_uri=uri), "FAILED", {}, f"{name} failed"
     print(f"[{name}] start: " + ", ".join(f"{k}={v}" for k, v in point.items()), flush=True)
-    def step(s: str, params: dict) -> dict:  # as the pipeline runs it: the run options its notebook declares, and this trial's
+    # as the pipeline runs it: the run options its notebook declares, and this trial's
+    def step(s: str, params: dict) -> dict:
         return execute(s, step_options(s, opts) | params | track, tdir, workdir, kernel, run.step_timeout,
                        record=notebook_recorder(client, rid, uri))
     try:
@@ -93,8 +103,9 @@ def trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent
         with for_run(opts, ("train", "evaluate"), tdir/"kernels.log") as kernel:  # shared by its steps, as a run's are
             got = step("train", dict(split_dir=split_dir, model_path=str(tdir/"model"/"model.keras"),
                                      cache_dir=str(cache_dir(workdir))))
-            got |= step("evaluate", dict(split_dir=split_dir, model_path=got["model_path"], out_dir=str(tdir/"evaluation"),
-                                         min_test_images=0))  # trials are ranked on their val figures: no cross-validation each
+            # trials are ranked on their val figures: no cross-validation each (min_test_images=0)
+            got |= step("evaluate", dict(split_dir=split_dir, model_path=got["model_path"],
+                                         out_dir=str(tdir/"evaluation"), min_test_images=0))
         status, what = "FINISHED", f"{name} finished"
         print(f"[{name}] done: val accuracy {got.get('val_accuracy', float('nan')):.3f}, "
               f"test accuracy {got['test_accuracy']:.3f}", flush=True)
@@ -111,7 +122,8 @@ def trial(i: int, point: dict, run: Config, split_dir: str, run_dir: str, parent
         status, what = "KILLED", f"{name} was interrupted"
         raise
     finally:
-        finish(client, dict(run_id=rid, tracking_uri=uri, status=status, tags=tags, undo={}), tdir, what)  # with the server gone: kept for `settle`
+        # with the server gone: kept for `settle`
+        finish(client, dict(run_id=rid, tracking_uri=uri, status=status, tags=tags, undo={}), tdir, what)
 
 # %% ../nbs/15_sweep.ipynb #344d0af0
 def _score(r: dict) -> tuple:
@@ -135,14 +147,16 @@ def sweep_model(kind: str,  # the sweep's --model: auto, small, lab or efficient
     got = model_for(kind, data_source)
     if got != "efficientnet" or n_train >= FEW: return got
     if kind == "auto": return "small"
-    raise SweepFailed(f"--model efficientnet on {n_train} training images (fewer than {FEW}): its head is then a logistic regression that only --image-size "
-                      f"changes, with no val figures to rank trials by; sweep --model small (or auto), or a source of at least {FEW} training images")
+    raise SweepFailed(f"--model efficientnet on {n_train} training images (fewer than {FEW}): its head is then a "
+                      f"logistic regression that only --image-size changes, with no val figures to rank trials by; "
+                      f"sweep --model small (or auto), or a source of at least {FEW} training images")
 
 # %% ../nbs/15_sweep.ipynb #e8ea449e
 @task(name="download", cache_policy=NO_CACHE)
 def fetch(run: Config, run_dir: Path, parent_id: str, uri: str, record) -> dict:
     "The pipeline's download step, once for all trials, into `run_dir`."
-    params = step_options("download", run) | dict(data_root=str(data_dir(run.workdir)), manifest_path=str(run_dir/"manifest.csv"),
+    params = step_options("download", run) | dict(data_root=str(data_dir(run.workdir)),
+                                                   manifest_path=str(run_dir/"manifest.csv"),
                                                    mlflow_run_id=parent_id, tracking_uri=uri)
     return execute("download", params, run_dir, Path(run.workdir).resolve(), None, run.step_timeout, record=record)
 
@@ -150,8 +164,8 @@ def fetch(run: Config, run_dir: Path, parent_id: str, uri: str, record) -> dict:
 def preprocess_at(size: int, run: Config, run_dir: str) -> dict:
     "The pipeline's preprocess step at `size` pixels, into `run_dir/data-<size>/split`."
     d = Path(run_dir)/f"data-{size}"; d.mkdir(parents=True, exist_ok=True)
-    params = step_options("preprocess", run.model_copy(update=dict(image_size=size))) | dict(manifest_path=str(Path(run_dir)/"manifest.csv"),
-                                                                                             out_dir=str(d/"split"))
+    params = (step_options("preprocess", run.model_copy(update=dict(image_size=size)))
+              | dict(manifest_path=str(Path(run_dir)/"manifest.csv"), out_dir=str(d/"split")))
     return execute("preprocess", params, d, Path(run.workdir).resolve(), None, run.step_timeout)
 
 @flow(name="fruitflow-sweep")
@@ -162,7 +176,8 @@ def search(cfg: SweepConfig) -> dict:
     from fruitflow.register import register
     run, todo = cfg.run, points(cfg.space, cfg.strategy, cfg.trials, cfg.run.seed)
     uri = run.resolved_tracking_uri(); client = mlflow_client(uri); exp = experiment_id(client, run, uri)
-    pid, run_dir = new_run(run, client, uri, "sweep", {"sweep": "true", **_where()})  # as a pipeline run's, in runs/<time>-sweep-<id>
+    # as a pipeline run's, in runs/<time>-sweep-<id>
+    pid, run_dir = new_run(run, client, uri, "sweep", {"sweep": "true", **_where()})
     client.log_dict(pid, cfg.space.model_dump(), "sweep/space.json")
     for k, v in dict(strategy=cfg.strategy, n_trials=len(todo), workers=cfg.workers, task_runner=cfg.task_runner,
                      batch_size=run.batch_size, seed=run.seed).items(): client.log_param(pid, k, v)
@@ -174,23 +189,26 @@ def search(cfg: SweepConfig) -> dict:
         sizes = sorted({p["image_size"] for p in todo})
         prepped = dict(zip(sizes, (f.result() for f in [preprocess_at.submit(s, run, str(run_dir)) for s in sizes])))
         splits, n_train = {s: r["split_dir"] for s, r in prepped.items()}, min(r["n_train"] for r in prepped.values())
-        run = run.model_copy(update=dict(model_kind=sweep_model(run.model_kind, got["data_source"], n_train)))  # auto: by the data downloaded
+        # auto: by the data downloaded
+        run = run.model_copy(update=dict(model_kind=sweep_model(run.model_kind, got["data_source"], n_train)))
         if run.model_kind != model_for(cfg.run.model_kind, got["data_source"]):
-            print(f"model: {run.model_kind} (auto: efficientnet's head on {n_train} training images has nothing to sweep)", flush=True)
+            print(f"model: {run.model_kind} (auto: efficientnet's head on {n_train} training images has nothing to "
+                  "sweep)", flush=True)
         client.log_param(pid, "model_kind", run.model_kind)
         for s in sizes:
             client.log_artifact(pid, str(Path(splits[s])/"split.json"), f"data/{s}")
             client.log_artifact(pid, str(run_dir/f"data-{s}"/NOTEBOOKS["preprocess"]), f"notebooks/preprocess-{s}")
         print(f"preprocess done for image sizes {sizes} in {time.monotonic() - t0:.1f} s", flush=True)
-        futures = [trial.submit(i, p, run, splits[p["image_size"]], str(run_dir), pid, exp, uri) for i, p in enumerate(todo, 1)]
+        futures = [trial.submit(i, p, run, splits[p["image_size"]], str(run_dir), pid, exp, uri)
+                   for i, p in enumerate(todo, 1)]
         results = [f.result() for f in futures]
         client.log_dict(pid, results, "sweep/trials.json")
         win = best(results)
         mlflow.set_tracking_uri(uri)  # register() works through MLflow's default client
-        reg = register(win["model_uri"], run.model_name, float(win["test_accuracy"]), got["data_source"], win["run_id"], min_accuracy=run.min_accuracy,
-                       n_test=int(win["n_test"]), min_test_images=run.min_test_images)
-        tags = {"best_run_id": win["run_id"], "best_trial": str(win["trial"]), "registered_version": str(reg["version"]),
-                "registered_alias": reg["alias"], "promotion": reg["reason"]}
+        reg = register(win["model_uri"], run.model_name, float(win["test_accuracy"]), got["data_source"], win["run_id"],
+                       min_accuracy=run.min_accuracy, n_test=int(win["n_test"]), min_test_images=run.min_test_images)
+        tags = {"best_run_id": win["run_id"], "best_trial": str(win["trial"]),
+                "registered_version": str(reg["version"]), "registered_alias": reg["alias"], "promotion": reg["reason"]}
         for k, v in tags.items(): client.set_tag(pid, k, v)
         for k, v in tags.items():
             if k.startswith("reg") or k == "promotion": client.set_tag(win["run_id"], k, v)
@@ -205,12 +223,16 @@ def search(cfg: SweepConfig) -> dict:
     except (KeyboardInterrupt, SystemExit):
         status, what = "KILLED", "the sweep was interrupted"
         raise
-    finally: finish(client, dict(run_id=pid, tracking_uri=uri, status=status, tags=tags, undo={}), run_dir, what)  # with the server gone: kept for `settle`
+    finally:
+        # with the server gone: kept for `settle`
+        finish(client, dict(run_id=pid, tracking_uri=uri, status=status, tags=tags, undo={}), run_dir, what)
 
 def sweep(cfg: SweepConfig) -> dict:
     "Run the hyperparameter search `cfg` (the `search` flow, with its task runner), prepared as a pipeline run is; the trials and the registration."
     from prefect.settings import get_current_settings
     runner = task_runner(cfg.task_runner, cfg.workers, cfg.scheduler)  # an unknown runner fails before anything starts
-    with prepared(cfg.run, kernel=False):  # `fruitflow up`'s servers, else a temporary Prefect server in the work folder (stopped at exit)
-        os.environ.setdefault("PREFECT_API_URL", get_current_settings().api.url)  # which the worker processes of a runner such as Dask's inherit
+    # `fruitflow up`'s servers, else a temporary Prefect server in the work folder (stopped at exit)
+    with prepared(cfg.run, kernel=False):
+        # the worker processes of a runner such as Dask's inherit it
+        os.environ.setdefault("PREFECT_API_URL", get_current_settings().api.url)
         return search.with_options(task_runner=runner)(cfg)

@@ -12,34 +12,41 @@ from .config import SWEPT, THREADS, Config, add_options, config_error, error_log
 __all__ = ['SHARED', 'sweep_config', 'sweep_cmd', 'add_parsers']
 
 # %% ../nbs/15a_sweep_cli.ipynb #23f41d0d
-SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "patience", "precision", "val_ratio", "test_ratio", "experiment", "model_name",
-          "min_accuracy", "min_test_images", "base_url", "tracking_uri", "step_timeout", "workdir")  # the run options every trial shares
+# the run options every trial shares
+SHARED = ("source", "batch_size", "model_kind", "seed", "n_per_class", "patience", "precision", "val_ratio",
+          "test_ratio", "experiment", "model_name", "min_accuracy", "min_test_images", "base_url", "tracking_uri",
+          "step_timeout", "workdir")
 
 def sweep_config(args: argparse.Namespace):
     "The sweep's `SweepConfig` from parsed options; a bad value exits with one line and code 2."
     from pydantic import ValidationError
     from fruitflow.sweep import Space, SweepConfig
-    a = vars(args) | {"workdir": str(Path(args.workdir or ".").resolve())}  # trials may run in processes started elsewhere (a Dask cluster's workers)
+    # trials may run in processes started elsewhere (a Dask cluster's workers)
+    a = vars(args) | {"workdir": str(Path(args.workdir or ".").resolve())}
     def build(cls, names, **extra):
         try: return cls(**{k: a[k] for k in names}, **extra)
         except ValidationError as e:
             print(f"fruitflow sweep: error: {config_error(e)} (see fruitflow sweep --help)", file=sys.stderr)
             sys.exit(2)
-    return build(SweepConfig, ("strategy", "trials", "workers", "task_runner", "scheduler"), run=build(Config, SHARED), space=build(Space, SWEPT))
+    return build(SweepConfig, ("strategy", "trials", "workers", "task_runner", "scheduler"), run=build(Config, SHARED),
+                 space=build(Space, SWEPT))
 
 def _table(results: list[dict]) -> str:
     "The trials as a fixed-width table."
-    rows = [f"{'trial':>5} {'lr':>8} {'augment':>7} {'width':>5} {'epochs':>6} {'size':>4} {'synth':>5} {'val acc':>7} {'test acc':>8}"]
+    rows = [f"{'trial':>5} {'lr':>8} {'augment':>7} {'width':>5} {'epochs':>6} {'size':>4} {'synth':>5} "
+            f"{'val acc':>7} {'test acc':>8}"]
     for r in results:
-        figs = f"{r.get('val_accuracy', float('nan')):>7.3f} {r['test_accuracy']:>8.3f}" if r["ok"] else f"{'failed':>16}"
-        rows.append(f"{r['trial']:>5} {r['learning_rate']:>8.2g} {r['augment']:>7.2f} {r['width']:>5} {r['epochs']:>6} {r['image_size']:>4} "
-                    f"{r['synthetic']:>5} {figs}")
+        figs = (f"{r.get('val_accuracy', float('nan')):>7.3f} {r['test_accuracy']:>8.3f}" if r["ok"]
+                else f"{'failed':>16}")
+        rows.append(f"{r['trial']:>5} {r['learning_rate']:>8.2g} {r['augment']:>7.2f} {r['width']:>5} {r['epochs']:>6} "
+                    f"{r['image_size']:>4} {r['synthetic']:>5} {figs}")
     return "\n".join(rows)
 
 def sweep_cmd(args: argparse.Namespace) -> int:
     "`fruitflow sweep`: a hyperparameter search."
     from fruitflow.servers import env_defaults
-    env_defaults(Path(args.workdir or ".").resolve())  # fruitflow's quiet console settings, before Prefect is imported (it reads them once)
+    # fruitflow's quiet console settings, before Prefect is imported (it reads them once)
+    env_defaults(Path(args.workdir or ".").resolve())
     cfg = sweep_config(args)
     from fruitflow.notebooks import StepFailed
     from fruitflow.prepare import NotReady
@@ -62,21 +69,30 @@ def sweep_cmd(args: argparse.Namespace) -> int:
         print(f"fruitflow sweep: error: {one_line(e)} (details in {log})", file=sys.stderr)
         return 1
     print(_table(out["trials"]))
-    print(f"MLflow run {out['run_id']}: best trial {out['best']['trial']} (val accuracy {out['best'].get('val_accuracy', float('nan')):.3f}, "
-          f"test accuracy {out['best']['test_accuracy']:.3f}); registered {out['model_name']} version {out['version']} as @{out['alias']} ({out['reason']})")
+    print(f"MLflow run {out['run_id']}: best trial {out['best']['trial']} "
+          f"(val accuracy {out['best'].get('val_accuracy', float('nan')):.3f}, "
+          f"test accuracy {out['best']['test_accuracy']:.3f}); registered {out['model_name']} version {out['version']} "
+          f"as @{out['alias']} ({out['reason']})")
     return 0
 
 def add_parsers(sub):  # the `fruitflow` command's sub-parsers
     "Add `fruitflow sweep`: one option of one or more values for each hyperparameter, and the run options the trials share."
-    p = sub.add_parser("sweep", help="hyperparameter search: train and evaluate several configurations in parallel, register the best")
+    p = sub.add_parser("sweep", help="hyperparameter search: train and evaluate several configurations in parallel, "
+                                     "register the best")
     for name in SWEPT:
         f, values = Config.model_fields[name], tried(name)
-        p.add_argument(flag(name), type=f.annotation, nargs="+", default=list(values), help=f"{f.description}: the values to try (default {' '.join(map(str, values))})")
-    p.add_argument("--strategy", choices=("grid", "random"), default="grid", help="grid: every combination (default); random: a seeded sample of them")
-    p.add_argument("--trials", type=int, default=0, help="grid: at most this many trials (default 0: all); random: how many (default 0: 4)")
+        p.add_argument(flag(name), type=f.annotation, nargs="+", default=list(values),
+                       help=f"{f.description}: the values to try (default {' '.join(map(str, values))})")
+    p.add_argument("--strategy", choices=("grid", "random"), default="grid",
+                   help="grid: every combination (default); random: a seeded sample of them")
+    p.add_argument("--trials", type=int, default=0,
+                   help="grid: at most this many trials (default 0: all); random: how many (default 0: 4)")
     p.add_argument("--workers", type=int, default=2, help="trials running at once (default 2)")
-    p.add_argument("--task-runner", default=THREADS, help=f"dotted path of a Prefect task runner class (default {THREADS}; e.g. prefect_dask.DaskTaskRunner)")
-    p.add_argument("--scheduler", default="", metavar="ADDRESS", help="a running Dask scheduler (tcp://HOST:PORT) whose workers run the trials, with "
-                                                                     "--task-runner prefect_dask.DaskTaskRunner (default: the runner starts its own cluster)")
+    p.add_argument("--task-runner", default=THREADS,
+                   help=f"dotted path of a Prefect task runner class (default {THREADS}; "
+                        "e.g. prefect_dask.DaskTaskRunner)")
+    p.add_argument("--scheduler", default="", metavar="ADDRESS",
+                   help="a running Dask scheduler (tcp://HOST:PORT) whose workers run the trials, with "
+                        "--task-runner prefect_dask.DaskTaskRunner (default: the runner starts its own cluster)")
     add_options(p, SHARED)
     p.set_defaults(func=sweep_cmd)

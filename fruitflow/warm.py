@@ -18,11 +18,13 @@ __all__ = ['READY', 'STARTING', 'UNSHARED', 'fingerprint', 'AdoptedProvisioner',
 
 # %% ../nbs/22_warm.ipynb #c8b14e6d
 READY, STARTING = "warm-kernel.json", "warm-kernel.starting"  # in STATE: the kernel on offer; the keeper starting one
-UNSHARED = ("PWD", "OLDPWD", "SHLVL", "_", "JPY_PARENT_PID", "FRUITFLOW_PARENT_PID", "PYTEST_CURRENT_TEST")  # differ between processes; mean nothing to a step
+# differ between processes; mean nothing to a step
+UNSHARED = ("PWD", "OLDPWD", "SHLVL", "_", "JPY_PARENT_PID", "FRUITFLOW_PARENT_PID", "PYTEST_CURRENT_TEST")
 
 def fingerprint(workdir: Path) -> str:
     "What a kernel's steps depend on besides their notebooks (environment, Python, work folder, fruitflow's code), as a digest: a kernel takes its `sys.path` from these."
-    code = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(Path(fruitflow.__file__).parent.glob("*.py"))]
+    code = [(p.name, p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(Path(fruitflow.__file__).parent.glob("*.py"))]
     env = sorted((k, v) for k, v in os.environ.items() if k not in UNSHARED)
     return hashlib.sha256(repr((sys.executable, str(Path(workdir).resolve()), code, env)).encode()).hexdigest()
 
@@ -40,7 +42,8 @@ class AdoptedProvisioner(KernelProvisionerBase):
         self.process, self.pid = process, process.pid
     @property
     def has_process(self) -> bool:
-        with contextlib.suppress(psutil.Error): return self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE
+        with contextlib.suppress(psutil.Error):
+            return self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE
         return False
     async def poll(self) -> int|None: return None if self.has_process else 0  # its exit code is its parent's to know
     async def wait(self) -> int|None:
@@ -50,7 +53,8 @@ class AdoptedProvisioner(KernelProvisionerBase):
         with contextlib.suppress(psutil.Error): self.process.send_signal(signum)
     async def kill(self, restart: bool = False): await self.send_signal(signal.SIGKILL)
     async def terminate(self, restart: bool = False): await self.send_signal(signal.SIGTERM)
-    async def launch_kernel(self, cmd: list[str], **kw): raise RuntimeError("a kernel another process started is not launched again")
+    async def launch_kernel(self, cmd: list[str], **kw):
+        raise RuntimeError("a kernel another process started is not launched again")
     async def cleanup(self, restart: bool = False): pass
 
 class WarmKernelManager(StepKernelManager):
@@ -60,7 +64,8 @@ class WarmKernelManager(StepKernelManager):
         super().__init__()
         self.load_connection_file(info["connection_file"])
         process = psutil.Process(info["pid"])
-        if process.create_time() != info["created"]: raise psutil.NoSuchProcess(info["pid"])  # another process has its pid now
+        # another process has its pid now
+        if process.create_time() != info["created"]: raise psutil.NoSuchProcess(info["pid"])
         self.provisioner = AdoptedProvisioner(process, kernel_id=self.kernel_id, parent=self)
 
 # %% ../nbs/22_warm.ipynb #d2f6a9c4
@@ -83,7 +88,8 @@ def keep(workdir: str = ".",  # the work folder the kernels are for
     kernel, handed, offered, fp = None, [], False, ""
     try:
         while True:
-            handed = [km for km in handed if km.is_alive() or km.cleanup_resources()]  # ended kernels reaped, their files removed
+            # ended kernels reaped, their files removed
+            handed = [km for km in handed if km.is_alive() or km.cleanup_resources()]
             if kernel is None and not handed:
                 kernel, offered, fp = Kernel(wd), False, fingerprint(wd)
                 _write(starting, dict(keeper=os.getpid(), fingerprint=fp))
@@ -92,13 +98,14 @@ def keep(workdir: str = ".",  # the work folder the kernels are for
                     print(f"fruitflow: the warm kernel did not start: {kernel.ready.exception()}", flush=True)
                     kernel = None; time.sleep(10); continue  # a broken environment: try again, not in a loop
                 km = kernel.km
-                _write(ready, dict(keeper=os.getpid(), fingerprint=fp, connection_file=km.connection_file, pid=km.kernel_pid,
-                                   created=psutil.Process(km.kernel_pid).create_time()))
+                _write(ready, dict(keeper=os.getpid(), fingerprint=fp, connection_file=km.connection_file,
+                                   pid=km.kernel_pid, created=psutil.Process(km.kernel_pid).create_time()))
                 starting.unlink(missing_ok=True)
                 offered = True
             elif offered and not ready.exists():  # a run took it
                 handed.append(kernel.km); kernel, offered = None, False
-            elif offered and (fingerprint(wd) != fp or not kernel.km.is_alive()) and _gone(ready):  # fruitflow's code changed, or the kernel died: a fresh one
+            elif offered and (fingerprint(wd) != fp or not kernel.km.is_alive()) and _gone(ready):
+                # fruitflow's code changed, or the kernel died: a fresh one
                 kernel.stop(now=True); kernel, offered = None, False
             time.sleep(every)
     finally:
@@ -121,9 +128,11 @@ def _take(ready: Path, starting: Path, fp: str, timeout: float) -> KernelManager
             os.replace(ready, mine)  # the one process that renames it has it
             info = json.loads(mine.read_text()); mine.unlink()
             if info["fingerprint"] == fp: return WarmKernelManager(info)
-            WarmKernelManager(info).shutdown_kernel(now=True)  # not for this process after all (the offer changed meanwhile): the keeper starts another
+            # not for this process after all (the offer changed meanwhile): the keeper starts another
+            WarmKernelManager(info).shutdown_kernel(now=True)
             raise RuntimeError("the warm kernel on offer was made for another environment")
-        if not ready.exists() and not ((o := _offer(starting)) and o["fingerprint"] == fp): raise RuntimeError("the keeper is no longer starting a kernel for this run")
+        if not ready.exists() and not ((o := _offer(starting)) and o["fingerprint"] == fp):
+            raise RuntimeError("the keeper is no longer starting a kernel for this run")
         time.sleep(0.05)
     raise TimeoutError(f"the keeper's kernel was not ready in {timeout:.0f} s")
 
