@@ -11,6 +11,11 @@ what `fruitflow predict` does), and the ratio HTTP / in-process is printed. Then
 same decoded images, alternated: Keras' `predict` (what the pyfunc called before) beside
 `fruitflow.predict.batched_predict` (what it calls now), and their ratio.
 
+`--runtimes keras,litert`: starts one `fruitflow serve --runtime R` per runtime itself (from this folder's
+registry, `--model`), times each from its start to its first answer (the starts alternated over `--pairs`),
+then sends the same requests to both servers alternately: one-image p50, batch images/s, and each server's
+RSS after `--requests` one-image requests; the ratio of the second runtime to the first.
+
 `--load`: `--clients` threads for `--seconds` send a mix of one good image, a batch of two, a text file (415)
 and a body over the server's limit (413, sent whole before the answer is read, as urllib does); it prints
 the answers by status, 5xx and dropped connections (both must be 0), p50/p99 latency of the good requests,
@@ -49,6 +54,10 @@ def main():
     a.add_argument("--rounds", type=int, default=5, help="batch requests to time")
     a.add_argument("--max-kb", type=int, default=600, help="skip image files larger than this")
     a.add_argument("--load", action="store_true", help="the load test instead (see above)")
+    a.add_argument("--runtimes", default="", help="e.g. keras,litert: compare the runtimes instead (see above)")
+    a.add_argument("--model", default="models:/fruitflow@champion", help="--runtimes: the model the servers serve")
+    a.add_argument("--pairs", type=int, default=3, help="--runtimes: starts of each server, alternated")
+    a.add_argument("--requests", type=int, default=1000, help="--runtimes: one-image requests before the RSS is read")
     a.add_argument("--clients", type=int, default=32, help="--load: concurrent clients")
     a.add_argument("--seconds", type=float, default=60, help="--load: how long")
     a.add_argument("--oversized-bytes", type=int, default=25_000_000, help="--load: size of the bodies over the server's limit (default limit 20,000,000)")
@@ -56,6 +65,7 @@ def main():
     files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p.stat().st_size <= args.max_kb * 1024)
     if not files: sys.exit(f"benchmarks/serve.py: no images in {args.images}")
     if args.load: return _load_main(args, files[:200])
+    if args.runtimes: return _runtimes_main(args, files)
     batch = (files * args.batch)[:args.batch]
 
     conn = http.client.HTTPConnection(*args.url.removeprefix("http://").split(":"), timeout=120)
@@ -65,7 +75,7 @@ def main():
     many = [_post(conn, body, headers) for _ in range(args.rounds + 1)][1:]
 
     from fruitflow.serve import label_files, load_model
-    model, _ = load_model(info["uri"])
+    model, _ = load_model(info["uri"], info.get("runtime", "keras"))  # as the server does
     local_one = [_timed(label_files, model, [files[i % len(files)]]) for i in range(args.n + 2)][2:]
     local_many = [_timed(label_files, model, batch) for _ in range(args.rounds + 1)][1:]
 
@@ -75,10 +85,10 @@ def main():
                        ("one image p95 (ms)", _pct(one, 95) * 1e3, _pct(local_one, 95) * 1e3),
                        ("batch images/s", len(batch) / statistics.median(many), len(batch) / statistics.median(local_many))]:
         print(f"{name:24}{h:10.1f}{l:12.1f}{h / l:8.2f}")
-    _model_step(model, files, batch, args.n)
+    _model_step(load_model(info["uri"], "keras")[0] if info.get("runtime", "keras") != "keras" else model, files, batch, args.n)
 
 def _model_step(model, files: list[Path], batch: list[Path], n: int):
-    "Keras' `predict` against `batched_predict` on the same arrays, alternated call by call: p50 ms and their ratio."
+    "(`model` loaded with Keras) Keras' `predict` against `batched_predict` on the same arrays, alternated call by call: p50 ms and their ratio."
     from fruitflow.core import load_image, to_array
     from fruitflow.predict import batched_predict
     keras_model, size = model.unwrap_python_model().model, model.unwrap_python_model().image_size
@@ -92,6 +102,52 @@ def _model_step(model, files: list[Path], batch: list[Path], n: int):
             if i == 0: assert np.array_equal(keras_model.predict(x, verbose=0), batched_predict(keras_model, x)), "not the same answers"
         o, b = _pct(old[2:], 50) * 1e3, _pct(new[2:], 50) * 1e3
         print(f"{name:24}{o:10.1f}{b:12.1f}{o / b:8.2f}")
+
+def _start(runtime: str, model: str) -> tuple:
+    "Start `fruitflow serve --runtime runtime` on a free port: (process, URL, seconds from its start to its first answer)."
+    import socket, subprocess
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    url, photo = f"http://127.0.0.1:{port}", (Path(__file__).resolve().parents[2]/"shared"/"data"/"lab-images"/"apples"/"apple-1.jpeg").read_bytes()
+    t0 = time.perf_counter()
+    p = subprocess.Popen([Path(sys.executable).parent/"fruitflow", "serve", "--model", model, "--runtime", runtime, "--port", str(port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while p.poll() is None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/predict", photo, {"Content-Type": "image/jpeg"}), timeout=5): break
+        except OSError: time.sleep(0.02)
+    if p.poll() is not None: sys.exit(f"benchmarks/serve.py: fruitflow serve --runtime {runtime} exited: {p.stderr.read()[-500:]!r}")
+    return p, url, time.perf_counter() - t0
+
+def _runtimes_main(args, files: list[Path]):
+    "Compare `fruitflow serve` with each of `--runtimes` (see above)."
+    names = args.runtimes.split(",")
+    starts = {n: [] for n in names}
+    for i in range(args.pairs):  # each server's start alone, the order alternated
+        for n in (names if i % 2 == 0 else names[::-1]):
+            p, _, t = _start(n, args.model); starts[n].append(t); p.terminate(); p.wait(30)
+    procs = {n: _start(n, args.model)[:2] for n in names}
+    try:
+        conns = {n: http.client.HTTPConnection(*u.removeprefix("http://").split(":"), timeout=120) for n, (_, u) in procs.items()}
+        one, many, batch = {n: [] for n in names}, {n: [] for n in names}, (files * args.batch)[:args.batch]
+        body, headers = _multipart(batch)
+        for i in range(args.n + 2):  # request by request, alternated
+            for n in (names if i % 2 == 0 else names[::-1]):
+                one[n].append(_post(conns[n], files[i % len(files)].read_bytes(), {"Content-Type": "application/octet-stream"}))
+        for i in range(args.rounds + 1):
+            for n in (names if i % 2 == 0 else names[::-1]): many[n].append(_post(conns[n], body, headers))
+        for i in range(max(0, args.requests - args.n - 2)):
+            for n in names: _post(conns[n], files[i % len(files)].read_bytes(), {"Content-Type": "application/octet-stream"})
+        rss = {n: _server_rss(int(u.rsplit(":", 1)[1])) / 2**20 for n, (_, u) in procs.items()}
+    finally:
+        for p, _ in procs.values(): p.terminate(); p.wait(30)
+    rows = [("start to first answer (s)", {n: statistics.median(starts[n]) for n in names}),
+            ("one image p50 (ms)", {n: _pct(one[n][2:], 50) * 1e3 for n in names}),
+            ("one image p95 (ms)", {n: _pct(one[n][2:], 95) * 1e3 for n in names}),
+            (f"batch of {len(batch)} images/s", {n: len(batch) / statistics.median(many[n][1:]) for n in names}),
+            (f"RSS after {max(args.requests, args.n + 2)} requests (MB)", rss)]
+    print(f"model {args.model}; {len(files)} images; {args.pairs} starts each, alternated; requests alternated")
+    print(f"{'':32}" + "".join(f"{n:>10}" for n in names) + f"{'ratio':>8}")
+    for label, v in rows: print(f"{label:32}" + "".join(f"{v[n]:10.2f}" for n in names) + f"{v[names[1]] / v[names[0]]:8.2f}")
 
 KINDS = ("good", "batch", "good", "text", "good", "oversized")  # what the clients send, in turn
 WANT = {"good": 200, "batch": 200, "text": 415, "oversized": 413}

@@ -10,12 +10,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'MIN_SIDE', 'WEIGHTS_PACKAGE', 'WEIGHTS_FILE', 'ImageError', 'load_image', 'to_array', 'list_images',
-           'step_run', 'package_weights']
+__all__ = ['MAX_PIXELS', 'MIN_SIDE', 'RUNTIMES', 'WEIGHTS_PACKAGE', 'WEIGHTS_FILE', 'ImageError', 'load_image', 'to_array',
+           'list_images', 'step_run', 'package_weights']
 
 # %% ../nbs/00_core.ipynb #0b02fd3d
 MAX_PIXELS = 40_000_000  # refuse images above this many pixels (decompression bombs) before decoding
 MIN_SIDE = 8  # refuse images smaller than this on either side (icons, tracking pixels)
+RUNTIMES = ("auto", "litert", "keras")  # what a registered model predicts with (`fruitflow.predict.runtime`)
 
 class ImageError(ValueError):
     "A file that is not a usable image; the message names it and says why, `kind` says it for programs."

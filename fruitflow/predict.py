@@ -4,17 +4,18 @@
 
 # %% ../nbs/06_predict.ipynb #fdc51110
 from __future__ import annotations
-import base64, json
+import base64, concurrent.futures, json, os, threading
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import mlflow.pyfunc
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
-from .core import load_image, to_array
+from .core import RUNTIMES, load_image, to_array
 
 # %% auto #0
-__all__ = ['MODEL_CODE', 'MODEL_FILE', 'signature', 'FruitModel', 'batched_predict', 'model_code', 'model_file', 'predict']
+__all__ = ['MODEL_CONFIG', 'LITERT_TOLERANCE', 'MODEL_CODE', 'MODEL_FILE', 'signature', 'FruitModel', 'batched_predict',
+           'runtime', 'LiteRT', 'litert_file', 'model_code', 'model_file', 'predict']
 
 # %% ../nbs/06_predict.ipynb #90aa486d
 def _as_bytes(v) -> bytes:
@@ -27,17 +28,28 @@ def signature(classes: list[str]) -> ModelSignature:
                           Schema([ColSpec("string", "label")] + [ColSpec("double", f"p_{c}") for c in classes]))
 
 class FruitModel(mlflow.pyfunc.PythonModel):
-    "A Keras image classifier behind MLflow's pyfunc interface."
+    "An image classifier behind MLflow's pyfunc interface: LiteRT where it is installed and logged, else Keras (see `RUNTIMES`)."
     def load_context(self, context):
-        import keras
-        self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         self.classes, self.image_size = meta["classes"], meta["image_size"]
+        self.runtime = runtime((context.model_config or {}).get("runtime", "auto"), "litert_model" in context.artifacts)
+        if self.runtime == "litert": self.model = LiteRT(context.artifacts["litert_model"])
+        else:
+            import keras
+            self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
+        self.pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="fruitflow-decode")
+
+    def _array(self, i: int, v) -> np.ndarray:
+        "Image `i` of a request, decoded and resized as preprocess did."
+        return to_array(load_image(_as_bytes(v), name=f"image {i}", size=self.image_size), self.image_size)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        x = np.stack([to_array(load_image(_as_bytes(v), name=f"image {i}", size=self.image_size), self.image_size) for i, v in enumerate(model_input["image"])])
-        p = batched_predict(self.model, x.astype("float32"))
-        return pd.DataFrame({"label": [self.classes[i] for i in p.argmax(1)], **{f"p_{c}": p[:, i].astype(float) for i, c in enumerate(self.classes)}})
+        images = list(model_input["image"])
+        arrays = self.pool.map(self._array, range(len(images)), images) if len(images) > 1 else [self._array(0, images[0])]
+        x = np.stack(list(arrays)).astype("float32")  # Pillow decodes and resizes without the GIL: a batch's images in parallel
+        p = self.model.predict(x) if self.runtime == "litert" else batched_predict(self.model, x)
+        return pd.DataFrame({"label": [self.classes[i] for i in p.argmax(1)],
+                             **{f"p_{c}": p[:, i].astype(float) for i, c in enumerate(self.classes)}})
 
 # %% ../nbs/06_predict.ipynb #f894f41e
 def batched_predict(model,  # a Keras model
@@ -46,6 +58,63 @@ def batched_predict(model,  # a Keras model
                    ) -> np.ndarray:
     "`model.predict(x)` without its per-call set-up: the same batches through the same compiled step."
     return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+
+# %% ../nbs/06_predict.ipynb #7d123406
+MODEL_CONFIG = {"runtime": "auto"}  # logged with the model: MLflow lets a load override only the keys logged
+
+def runtime(want: str,  # one of RUNTIMES
+            has_litert: bool,  # the version has a LiteRT copy
+           ) -> str:
+    "The runtime a model is loaded with: `litert` or `keras`; ValueError when `want` cannot be had."
+    if want not in RUNTIMES: raise ValueError(f"runtime {want!r}: choose one of {', '.join(RUNTIMES)}")
+    try: import ai_edge_litert.interpreter; installed = True
+    except ImportError: installed = False
+    if want == "keras" or want == "auto" and not (has_litert and installed): return "keras"
+    if not has_litert: raise ValueError("runtime litert: this model version has no LiteRT copy (logged before fruitflow had one): use keras")
+    if not installed: raise ValueError("runtime litert: ai-edge-litert is not installed (pip install ai-edge-litert)")
+    return "litert"
+
+class LiteRT:
+    "A LiteRT model run by `ai-edge-litert`: `predict(x)` as Keras' `predict`, for a batch of images; one call at a time."
+    def __init__(self, path: str|Path, threads: int|None = None):
+        from ai_edge_litert.interpreter import Interpreter
+        self.it = Interpreter(model_path=str(path), num_threads=threads or min(4, os.cpu_count() or 1))
+        (inp,), (out,) = self.it.get_input_details(), self.it.get_output_details()
+        self.it.resize_tensor_input(inp["index"], (1, *inp["shape"][1:])); self.it.allocate_tensors()  # once: see below
+        self.inp, self.out, self.lock = inp["index"], out["index"], threading.Lock()
+        self.predict(np.zeros((1, *inp["shape"][1:]), np.float32))  # its kernels set up now, not at the first request
+
+    def _one(self, im: np.ndarray) -> np.ndarray:
+        self.it.set_tensor(self.inp, im[None]); self.it.invoke()
+        return self.it.get_tensor(self.out).copy()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        with self.lock: return np.concatenate([self._one(im) for im in x])
+
+LITERT_TOLERANCE = 1e-4  # largest difference from Keras' probabilities a LiteRT copy may have
+
+def _converters(model):
+    "TensorFlow's converters of `model` to try in turn (each fails on some of fruitflow's models, see below)."
+    import tensorflow as tf
+    yield lambda: tf.lite.TFLiteConverter.from_keras_model(model)
+    fn = tf.function(lambda x: model(x, training=False))
+    spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
+    yield lambda: tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function(spec)], model)
+
+def litert_file(model,  # a Keras model
+                dest: Path,  # folder of the file
+                probe: np.ndarray,  # a few images it takes: the copy must answer them as `model` does
+               ) -> str:
+    "Convert `model` to a LiteRT flatbuffer (float32) in `dest`, checked on `probe`: the `litert_model` artifact's path."
+    p, off, why = Path(dest)/"model.tflite", None, ""
+    want = batched_predict(model, probe.astype("float32"))
+    for converter in _converters(model):
+        try: p.write_bytes(converter().convert())
+        except Exception as e: why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"; continue
+        off = float(np.nan_to_num(np.abs(LiteRT(p).predict(probe.astype("float32")) - want).max(), nan=np.inf))
+        if off <= LITERT_TOLERANCE: return str(p)
+    p.unlink(missing_ok=True)
+    raise ValueError(f"no LiteRT copy of this model: " + (f"it differs from Keras by {off:.2g}" if off is not None else why))
 
 # %% ../nbs/06_predict.ipynb #6caecfc2
 MODEL_CODE = ("__init__.py", "core.py", "predict.py")  # the modules of `fruitflow` that loading the pyfunc imports

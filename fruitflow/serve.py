@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, asyncio, contextlib, json, logging, os, re, sys, threading
 from pathlib import Path
-from .core import ImageError, MAX_PIXELS, MIN_SIDE, load_image
+from .core import RUNTIMES, ImageError, MAX_PIXELS, MIN_SIDE, load_image
 from .config import TRACKING_DB
 
 # %% auto #0
@@ -48,8 +48,9 @@ def _info(uri: str,  # a model URI
     return dict(uri=uri, name=name, version=int(mv.version), run_id=mv.run_id, alias=alias or (mv.aliases[0] if mv.aliases else None))
 
 def load_model(uri: str = DEFAULT_MODEL,  # an MLflow model URI
+               runtime: str = "auto",  # what it predicts with: auto | litert | keras (`fruitflow.predict.RUNTIMES`)
               ) -> tuple:
-    "The pyfunc at `uri` and its registry facts (`_info`); `ModelError` if it is not there."
+    "The pyfunc at `uri` and its registry facts (`_info`, and the runtime it got); `ModelError` if it is not there."
     reg = registry_uri()
     try:
         with _quiet():
@@ -57,10 +58,12 @@ def load_model(uri: str = DEFAULT_MODEL,  # an MLflow model URI
             mlflow.set_registry_uri(reg)
             # MLflow 3 also looks the logged model up in the tracking store; unset, that would create ./mlflow.db
             if not os.environ.get("MLFLOW_TRACKING_URI"): mlflow.set_tracking_uri(reg)
-            return mlflow.pyfunc.load_model(uri), _info(uri, mlflow.MlflowClient(registry_uri=reg))
+            model = mlflow.pyfunc.load_model(uri, model_config={"runtime": runtime})  # a version logged without it: ignored
+            got = getattr(model.unwrap_python_model(), "runtime", "keras")  # what it loaded with: `auto` and old versions decide
+            return model, _info(uri, mlflow.MlflowClient(registry_uri=reg)) | dict(runtime=got)
     except Exception as e:
         from mlflow.exceptions import MlflowException
-        if not isinstance(e, (MlflowException, OSError)): raise
+        if not isinstance(e, (MlflowException, OSError, ValueError)): raise  # ValueError: a runtime it cannot have
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if uri.endswith("@champion") and "alias champion not found" in why:  # every version so far waits as the challenger (too few test images, say)
             why += f" No version has become the champion yet; the latest that did not is {uri.removesuffix('@champion')}@challenger."
@@ -100,7 +103,7 @@ def _table(rows: list[dict]) -> str:
 # %% ../nbs/12_serve.ipynb #2cad3714
 def predict_cmd(args: argparse.Namespace) -> int:
     "`fruitflow predict`: label image files with a registered model."
-    try: model, info = load_model(args.model)
+    try: model, info = load_model(args.model, args.runtime)
     except ModelError as e:
         print(f"fruitflow predict: {e}", file=sys.stderr)
         return 1
@@ -246,14 +249,24 @@ def app(model,  # a loaded pyfunc (anything with `predict(DataFrame)`)
     return api
 
 # %% ../nbs/12_serve.ipynb #cf494aa0
+def _steady_malloc(arenas: int = 2):
+    "Let glibc's malloc keep at most `arenas` arenas and give large blocks back at once in this process (elsewhere: nothing; see above)."
+    import ctypes, ctypes.util
+    M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's malloc.h
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(M_ARENA_MAX, arenas); libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)  # fixed: a request body of a few MB is mapped and unmapped
+
 def serve_cmd(args: argparse.Namespace) -> int:
     "`fruitflow serve`: the HTTP API around a registered model."
-    try: model, info = load_model(args.model)
+    _steady_malloc()
+    try: model, info = load_model(args.model, args.runtime)
     except ModelError as e:
         print(f"fruitflow serve: {e}", file=sys.stderr)
         return 1
     import uvicorn
-    print(f"fruitflow serve: {args.model} (version {info['version']}) on http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
+    print(f"fruitflow serve: {args.model} (version {info['version']}, {info['runtime']}) on http://{args.host}:{args.port}/ "
+          "(API docs at /docs)", flush=True)
     uvicorn.run(app(model, info, args.host, args.max_body_bytes, args.max_pixels), host=args.host, port=args.port,
                 log_level="warning", server_header=False, timeout_keep_alive=5)
     return 0
@@ -272,10 +285,14 @@ def add_parsers(sub):  # the `fruitflow` command's sub-parsers
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"MLflow model URI (default {DEFAULT_MODEL}), {reg}")
     p.add_argument("--json", action="store_true", help="one JSON object per line (file, label, p_apple, p_orange) instead of a table")
     p.set_defaults(func=predict_cmd)
+    runtime = dict(choices=RUNTIMES, default="auto", help="what the model predicts with: litert (no TensorFlow), keras, or auto "
+                                                         "(litert when the version has a LiteRT copy and ai-edge-litert is installed)")
+    p.add_argument("--runtime", **runtime)
     s = sub.add_parser("serve", help="serve the registered model over HTTP (POST /predict, GET /health, GET /model, /docs)")
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"MLflow model URI (default {DEFAULT_MODEL}), {reg}")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=_positive, default=5001, help="port (default 5001)")
     s.add_argument("--max-body-bytes", type=_positive, default=MAX_BODY_BYTES, help=f"largest request body (default {MAX_BODY_BYTES:,}); larger gets 413")
     s.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, help=f"most pixels in one image (default {MAX_PIXELS:,}); more gets 413")
+    s.add_argument("--runtime", **runtime)
     s.set_defaults(func=serve_cmd)

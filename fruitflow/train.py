@@ -358,14 +358,16 @@ def warm_up():
     keras.backend.clear_session()
 
 # %% ../nbs/03_train.ipynb #5846393a
-def requirements() -> list[str]:
+def requirements(litert: bool = False,  # the model has a LiteRT copy: it needs ai-edge-litert, not TensorFlow
+                ) -> list[str]:
     "Pinned pip requirements of the logged model, from what is installed here."
     from importlib.metadata import version, PackageNotFoundError
     def pin(*names):
         for n in names:
             try: return f"{n}=={version(n)}"
             except PackageNotFoundError: pass
-    return [pin("tensorflow-cpu", "tensorflow"), *(pin(n) for n in ("keras", "mlflow", "numpy", "pandas", "pillow"))]
+    runtime = [pin("ai-edge-litert")] if litert else [pin("tensorflow-cpu", "tensorflow"), pin("keras")]
+    return [*runtime, *(pin(n) for n in ("mlflow", "numpy", "pandas", "pillow"))]
 
 # %% ../nbs/03_train.ipynb #e36e6b74
 def used_params(model_kind: str,  # small | lab | efficientnet

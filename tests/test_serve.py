@@ -102,7 +102,8 @@ def test_model_health_docs(server, registered):
     _, mv, uri = registered
     status, body = request(server, "GET", "/model")
     assert status == 200
-    assert json.loads(body) == {"uri": uri, "name": "fruitflow", "version": int(mv.version), "run_id": mv.run_id, "alias": mv.aliases[0]}
+    assert json.loads(body) == {"uri": uri, "name": "fruitflow", "version": int(mv.version), "run_id": mv.run_id, "alias": mv.aliases[0],
+                                 "runtime": "litert"}  # the model's LiteRT copy: ai-edge-litert is installed
     assert request(server, "GET", "/health") == (200, b'{"status":"ok"}')
     assert request(server, "GET", "/docs")[0] == 200
     assert request(server, "GET", "/")[0] == 307  # the home page is the API's docs
