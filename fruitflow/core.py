@@ -37,7 +37,8 @@ def load_image(src: str|Path|bytes,  # a path, or the file's bytes
                name: str|None = None,  # how to call it in an error message
                max_pixels: int = MAX_PIXELS,  # refuse larger images before decoding them
                size: int|None = None,  # the side it will be resized to: a JPEG is decoded at 1/2, 1/4 or 1/8 scale, never below it
-              ) -> Image.Image:
+               decode: bool = True,  # False: check its header only (an image, its size) and return None
+              ) -> Image.Image|None:
     "Decode `src` by its content into an RGB image with its EXIF orientation applied."
     name = name or ("<bytes>" if isinstance(src, bytes) else str(src))
     if not isinstance(src, bytes) and Path(src).stat().st_size == 0: raise ImageError(f"{name}: empty file", "empty")
@@ -47,6 +48,7 @@ def load_image(src: str|Path|bytes,  # a path, or the file's bytes
             if w * h > max_pixels:
                 raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,}", "too_large")
             if min(w, h) < MIN_SIDE: raise ImageError(f"{name}: {w}x{h} pixels is too small to classify", "too_small")
+            if not decode: return None
             if size: im.draft(None, (size, size))  # libjpeg scales while it decodes; other formats ignore it
             im.load()
             return _to_rgb(ImageOps.exif_transpose(im))

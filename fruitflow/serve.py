@@ -77,7 +77,22 @@ def _rows(model,  # a loaded pyfunc
     "One dict per image, `file` then the model's columns (label, p_<class>), from one batch."
     import pandas as pd
     out = model.predict(pd.DataFrame({"image": list(images)}))
-    return [{"file": n, **{k: float(v) if k.startswith("p_") else v for k, v in r.items()}} for n, r in zip(names, out.to_dict("records"))]
+    cols = {"file": list(names)} | {k: out[k].tolist() for k in out.columns}  # Python's str and float: a quarter of `to_dict`'s time
+    return [dict(zip(cols, row)) for row in zip(*cols.values())]
+
+def _decoded(model,  # a loaded pyfunc
+             images: list[tuple[str, bytes]],  # (name, bytes) of images whose headers passed
+             max_pixels: int = MAX_PIXELS,  # refuse larger images
+            ) -> tuple[list[dict], list[ImageError]]:
+    "The model's rows for `images`, each decoded once, by the model; and the error naming each whose pixels do not decode."
+    try: return (_rows(model, *zip(*images)) if images else []), []
+    except ImageError:  # a file whose pixels do not decode (a truncated one, say): which, by name, and the rest again
+        ok, bad = [], []
+        for name, b in images:
+            try: load_image(b, name=name, max_pixels=max_pixels, size=MIN_SIDE); ok.append((name, b))
+            except ImageError as e: bad.append(e)
+        if not bad: raise  # the model refused what decodes here (its own limits): as it said
+        return (_rows(model, *zip(*ok)) if ok else []), bad
 
 def label_files(model,  # a loaded pyfunc
                 paths: list,  # image files
@@ -88,11 +103,12 @@ def label_files(model,  # a loaded pyfunc
     for p in map(str, paths):
         try:
             data = Path(p).read_bytes()
-            load_image(data, name=p, max_pixels=max_pixels, size=MIN_SIDE)  # a check: every byte decoded, a JPEG at 1/8 scale (0.03 s against 0.13 s for a 12-megapixel photo); the model decodes it again
+            load_image(data, name=p, max_pixels=max_pixels, decode=False)  # its header: the model decodes it
             good.append((p, data))
         except ImageError as e: errors.append(str(e))
         except OSError as e: errors.append(f"{p}: cannot read it ({e.strerror or type(e).__name__})")
-    return (_rows(model, *zip(*good)) if good else []), errors
+    rows, bad = _decoded(model, good, max_pixels)
+    return rows, errors + [str(e) for e in bad]
 
 def _table(rows: list[dict]) -> str:
     "`rows` as a text table with aligned columns, probabilities to three places."
@@ -218,8 +234,10 @@ def app(model,  # a loaded pyfunc (anything with `predict(DataFrame)`)
     api, lock = FastAPI(title="fruitflow", summary="Apples or oranges, from the MLflow Model Registry."), threading.Lock()
 
     def answer(images):
-        for name, b in images: load_image(b, name=name, max_pixels=max_pixels, size=MIN_SIDE)  # a check, as in `label_files`
-        with lock: return _rows(model, *zip(*images))
+        for name, b in images: load_image(b, name=name, max_pixels=max_pixels, decode=False)  # as in `label_files`
+        with lock: rows, bad = _decoded(model, images, max_pixels)
+        if bad: raise bad[0]
+        return rows
 
     async def predict(request):
         "A multipart upload of image files, or one image's raw bytes: a label and per-class probabilities for each."
