@@ -118,14 +118,15 @@ def head_crossval(split_dir: Path,  # the preprocessed set: all its usable image
                   model_path: Path,  # an efficientnet trained by `train` on a tiny split: its backbone gives the features
                   k: int = 5,  # folds
                   epochs: int = 10,  # as `train` was given them (the head's steps are `HEAD_STEPS` in all)
-                  seed: int = 42,  # seed of the folds and of the fits
+                  seed: int = 42,  # seed of the folds
                   batch_size: int = 32,  # images per batch of the feature pass
+                  model = None,  # the Keras model at `model_path`, loaded already
                  ) -> dict:
     "k-fold cross-validation of efficientnet's tiny-split recipe: each image's features once, the softmax regression fitted anew on each fold's rest."
     import keras
     from fruitflow.train import regression_head
     split_dir = Path(split_dir)
-    y, model = np.load(split_dir/"y.npy"), keras.saving.load_model(model_path, compile=False)
+    y, model = np.load(split_dir/"y.npy"), model or keras.saving.load_model(model_path, compile=False)
     # the pooled features, below the dropout and the softmax
     features = keras.Model(model.inputs, model.layers[-2].input)
     x = features.predict(np.load(split_dir/"x.npy").astype(np.float32), batch_size=batch_size, verbose=0)
@@ -134,9 +135,8 @@ def head_crossval(split_dir: Path,  # the preprocessed set: all its usable image
         rest = np.setdiff1d(np.arange(len(y)), test_idx)
         # as `train` weighs them
         weights = {c: len(rest) / (n_classes * max(1, int((y[rest] == c).sum()))) for c in range(n_classes)}
-        head, _ = regression_head(x[rest], y[rest], n_classes, epochs, seed, weights, verbose=0)
-        # a few rows: a call, not `predict`'s set-up
-        pred = keras.ops.convert_to_numpy(head(x[test_idx], training=False)).argmax(1)
+        (kernel, bias), _ = regression_head(x[rest], y[rest], n_classes, epochs, weights)
+        pred = (x[test_idx] @ kernel + bias).argmax(1)  # the softmax's largest output is its largest input's
         accs.append(float(np.mean(pred == y[test_idx]))); sizes.append(len(test_idx))
         print(f"fold {i + 1}/{k}: accuracy {accs[-1]:.3f} on {len(test_idx)} images")
     return dict(accuracies=accs, accuracy_mean=float(np.mean(accs)), accuracy_std=float(np.std(accs)), k=k,
@@ -170,13 +170,13 @@ def _drawn(model, classes: list[str], size: int, seed: int, n: int = DRAWN) -> d
     pred = model.predict(np.stack(x).astype(np.float32), batch_size=32, verbose=0).argmax(1)
     return _figure("drawn", "accuracy on freshly drawn photos", int((pred == np.array(y)).sum()), len(y), 0.5)
 
-def _crossvalidated(split_dir: Path, model_path: Path, out_dir: Path, recipe: dict, k: int) -> dict|None:
+def _crossvalidated(split_dir: Path, model_path: Path, out_dir: Path, recipe: dict, k: int, model=None) -> dict|None:
     "The accuracy of `recipe` k-fold cross-validated over every labelled image of `split_dir`; None when a class has fewer than 2."
     from fruitflow.train import split_info
     y = np.load(Path(split_dir)/"y.npy")
     if (k := min(k, int(np.bincount(y).min()))) < 2: return None
     if recipe["model_kind"] == "efficientnet" and len(split_info(split_dir)["splits"]["train"]) < FEW:
-        cv = head_crossval(split_dir, model_path, k, recipe["epochs"], recipe["seed"])
+        cv = head_crossval(split_dir, model_path, k, recipe["epochs"], recipe["seed"], model=model)
     else:
         cv = crossval(split_dir, Path(out_dir)/"crossval",
                       **{n: recipe[n] for n in ("model_kind", "epochs", "batch_size", "learning_rate", "width",
@@ -190,6 +190,7 @@ def evidence(split_dir: Path,  # the split the model was tested on
              data_source: str = "",  # what the model was trained on: synthetic is judged on drawn photos
              min_test_images: int = 10,  # a test split of fewer images is too small to judge
              k: int = K_FOLDS,  # folds of the cross-validation
+             model = None,  # the Keras model at `model_path`, loaded already
             ) -> dict:
     "The evidence a champion is judged on: the test accuracy, or, on a test split too small to judge, the figure on more images."
     import keras
@@ -201,11 +202,11 @@ def evidence(split_dir: Path,  # the split the model was tested on
     meta = json.loads(Path(model_path).with_suffix(".json").read_text())
     if test["n_test"] >= min_test_images or "recipe" not in meta: return best
     if data_source == "synthetic":
-        model, n = (keras.saving.load_model(model_path, compile=False),
+        model, n = (model or keras.saving.load_model(model_path, compile=False),
                     max(DRAWN, min_test_images + len(info["classes"])))
         more = _drawn(model, info["classes"], info["image_size"], meta["recipe"]["seed"], n)
     elif len(y) < min_test_images: return best  # every image cross-validated would still be too few: spare the folds
-    else: more = _crossvalidated(split_dir, model_path, out_dir, meta["recipe"], k)
+    else: more = _crossvalidated(split_dir, model_path, out_dir, meta["recipe"], k, model)
     got = more if more and more["evidence_images"] > best["evidence_images"] else best
     print(f"evidence: {got['evidence']} (the test split's {test['n_test']} images are fewer than {min_test_images})")
     return got

@@ -44,10 +44,11 @@ def evaluate(split_dir: Path,  # the split written by preprocess
              model_path: Path,  # the model saved by train
              out_dir: Path,  # where confusion_matrix.png and metrics.json go
              batch_size: int = 8,  # images per batch
+             model: keras.Model|None = None,  # the model at `model_path`, loaded already
             ) -> dict:
     "Test metrics of the model at `model_path` on the test split."
     info, out_dir = split_info(split_dir), Path(out_dir)
-    model = keras.saving.load_model(model_path, compile=False)  # predicting needs no optimizer
+    model = model or keras.saving.load_model(model_path, compile=False)  # predicting needs no optimizer
     ds = load_split(split_dir, "test", batch_size)
     # one pass: `model.evaluate` would trace and run the model again for the same figures
     probs = model.predict(ds, verbose=0)

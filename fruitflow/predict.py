@@ -96,10 +96,10 @@ LITERT_TOLERANCE = 1e-4  # largest difference from Keras' probabilities a LiteRT
 def _converters(model):
     "TensorFlow's converters of `model` to try in turn (each fails on some of fruitflow's models, see below)."
     import tensorflow as tf
-    yield lambda: tf.lite.TFLiteConverter.from_keras_model(model)
     fn = tf.function(lambda x: model(x, training=False))
     spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
     yield lambda: tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function(spec)], model)
+    yield lambda: tf.lite.TFLiteConverter.from_keras_model(model)  # slower: it saves the model first
 
 def litert_file(model,  # a Keras model
                 dest: Path,  # folder of the file
@@ -107,7 +107,7 @@ def litert_file(model,  # a Keras model
                ) -> str:
     "Convert `model` to a LiteRT flatbuffer (float32) in `dest`, checked on `probe`: the `litert_model` artifact's path."
     p, off, why = Path(dest)/"model.tflite", None, ""
-    want = batched_predict(model, probe.astype("float32"))
+    want = np.asarray(model(probe.astype("float32"), training=False))  # a call: `predict` would trace a function first
     for converter in _converters(model):
         try: p.write_bytes(converter().convert())
         except Exception as e: why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"; continue

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import json, math, os, re, threading
 from pathlib import Path
+from typing import Callable
 import numpy as np
 import keras
 from keras import layers
@@ -200,30 +201,38 @@ def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
 # full-batch steps in all
 HEAD_L2, HEAD_RATE, HEAD_STEPS = 1e-3, 1e-2, 300
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
 def regression_head(x: np.ndarray,  # features, one row per image
                     y: np.ndarray,  # their labels
                     n_classes: int,  # outputs of the softmax
                     epochs: int,  # epochs of `HEAD_STEPS // epochs` full-batch steps
-                    seed: int = 42,  # seed of the (full-batch) shuffle
                     class_weight: dict|None = None,  # as `train` weighs the classes
-                    batch_size: int = 8,  # only recorded (the batches are full)
-                    verbose: int = 2,  # Keras' fit verbosity
-                    callbacks: list = (),  # Keras callbacks of the fit (`EpochLog` in a run)
-                   ) -> tuple[keras.Model, dict]:
-    "efficientnet's head on a tiny split: a softmax regression of `x` from zero weights, L2-penalised, fitted by Adam on every row at each step; the head and its history."
-    f = keras.Input(x.shape[1:])
-    dense = layers.Dense(n_classes, activation="softmax", kernel_initializer="zeros",
-                         kernel_regularizer=keras.regularizers.L2(HEAD_L2))
-    head, steps = keras.Model(f, dense(f)), _steps(1, 1, epochs, HEAD_STEPS)
-    # an epoch's steps in one call of the compiled step: the same updates, without Python between them
-    # (0.57 s a fit, not 1.05)
-    head.compile(keras.optimizers.Adam(HEAD_RATE), keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"],
-                 steps_per_execution=steps)
-    batches = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-               .repeat().batch(len(y)))
-    hist = head.fit(batches, steps_per_epoch=steps, epochs=epochs, verbose=verbose, batch_size=batch_size,
-                    shuffle=False, class_weight=class_weight, callbacks=list(callbacks)).history
-    return head, hist
+                    on_epoch: Callable[[int, dict], None]|None = None,  # gets each epoch's number and figures (loss, accuracy)
+                   ) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    "efficientnet's head on a tiny split: a softmax regression of `x` from zero weights, L2-penalised, fitted by Adam on every row at each step; its (kernel, bias) and history."
+    x, n = np.asarray(x, np.float64), len(y)
+    w, onehot = np.array([(class_weight or {}).get(c, 1.0) for c in y]), np.eye(n_classes)[y]
+    params = [np.zeros((x.shape[1], n_classes)), np.zeros(n_classes)]  # kernel, bias
+    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    b1, b2, eps, t, hist = 0.9, 0.999, 1e-7, 0, {"accuracy": [], "loss": []}  # Keras' Adam
+    for e in range(epochs):
+        losses, right = [], []
+        for _ in range(_steps(1, 1, epochs, HEAD_STEPS)):
+            p = _softmax(x @ params[0] + params[1])
+            # Keras' loss: the class-weighted cross-entropy over the batch, plus the kernel's L2 penalty
+            losses.append((w * -np.log(np.clip(p[np.arange(n), y], 1e-7, 1))).sum() / n + HEAD_L2 * (params[0] ** 2).sum())
+            right.append((w * (p.argmax(1) == y)).sum() / w.sum())
+            g = (p - onehot) * w[:, None] / n
+            t, grads = t + 1, [x.T @ g + 2 * HEAD_L2 * params[0], g.sum(0)]
+            rate = HEAD_RATE * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            for p_, g_, m_, v_ in zip(params, grads, m, v):
+                m_ += (g_ - m_) * (1 - b1); v_ += (g_ ** 2 - v_) * (1 - b2); p_ -= rate * m_ / (np.sqrt(v_) + eps)
+        hist["loss"].append(float(np.mean(losses))); hist["accuracy"].append(float(np.mean(right)))
+        if on_epoch: on_epoch(e, {k: h[-1] for k, h in hist.items()})
+    return (params[0].astype(np.float32), params[1].astype(np.float32)), hist
 
 def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a frozen backbone, its pooled features, a dropout and the softmax
               split_dir: Path, batch_size: int, epochs: int, steps: int, seed: int,  # as `train` was given them or chose (steps an epoch)
@@ -239,9 +248,13 @@ def _fit_head(model: keras.Model,  # an efficientnet from `build_model`: a froze
     val = load_split(split_dir, "val", batch_size)
     val = (features.predict(val, verbose=0), np.concatenate([b[1].numpy() for b in val])) if has_val else None
     if tiny:  # a fresh softmax regression on every image; its weights then go to `model`'s
-        # its batch: all of them
-        head, hist = regression_head(x, y, dense.units, epochs, seed, class_weight, len(y), callbacks=callbacks)
-        dense.set_weights(head.layers[-1].get_weights())
+        for cb in callbacks: cb.set_model(model); cb.on_train_begin()  # Keras' callback protocol, as `fit` calls it
+        def epoch(e: int, logs: dict):
+            print(f"epoch {e + 1}/{epochs}: " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
+            for cb in callbacks: cb.on_epoch_end(e, logs)
+        (kernel, bias), hist = regression_head(x, y, dense.units, epochs, class_weight, epoch)
+        for cb in callbacks: cb.on_train_end()
+        dense.set_weights([kernel, bias])
         return hist
     f = keras.Input(x.shape[1:])
     head = keras.Model(f, dense(drop(f)))  # the very layers of `model`: training it trains them
@@ -277,6 +290,7 @@ def train(split_dir: Path,  # the split written by preprocess
           precision: str = "auto",  # float32 | bfloat16 (computed in bfloat16) | auto: bfloat16 where `bfloat16_native()`, but float32 for efficientnet; the saved model is float32
           features: str = "pooled",  # efficientnet's head learns from: pooled (its 1280 pooled features) | fruit (ImageNet's scores of its 10 fruit classes)
           callbacks: list = (),  # Keras callbacks of the fit, besides early stopping (`EpochLog` in a run)
+          litert: bool = False,  # also write its LiteRT copy beside it (`fruitflow.predict.litert_file`), if one passes
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
     if precision not in (*PRECISIONS, "auto"):
@@ -336,6 +350,11 @@ def train(split_dir: Path,  # the split written by preprocess
     model.save(model_path)
     weights_path = model_path.with_suffix(".weights.h5")
     model.save_weights(weights_path)
+    copy = {}
+    if litert:  # checked on a few of the split's images
+        from fruitflow.predict import litert_file
+        try: copy["litert_path"] = litert_file(model, model_path.parent, np.load(Path(split_dir)/"x.npy", mmap_mode="r")[:8])
+        except ValueError as e: copy["litert_error"] = str(e)
     recipe = dict(model_kind=model_kind, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width,
                   augment=augment, patience=patience, seed=seed, synthetic=synthetic, precision=precision,
                   features=features)
@@ -346,7 +365,7 @@ def train(split_dir: Path,  # the split written by preprocess
             else len(hist["loss"]) - 1)
     return dict(model_path=str(model_path), weights_path=str(weights_path), meta_path=str(meta_path),
                 epochs_run=len(hist["loss"]), best_epoch=best + 1, steps_per_epoch=steps, precision=precision,
-                n_params=int(model.count_params()), n_synthetic=n_extra,
+                n_params=int(model.count_params()), n_synthetic=n_extra, **copy,
                 **{k: float(v[best]) for k, v in hist.items() if k != "learning_rate"})
 
 # %% ../nbs/03_train.ipynb #33ef92af
