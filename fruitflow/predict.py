@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_predict.ipynb #fdc51110
 from __future__ import annotations
-import base64, concurrent.futures, json, os, threading
+import base64, concurrent.futures, json, os, shutil, threading
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -15,7 +15,7 @@ from .core import RUNTIMES, load_image, to_array
 
 # %% auto #0
 __all__ = ['MODEL_CONFIG', 'LITERT_TOLERANCE', 'MODEL_CODE', 'MODEL_FILE', 'signature', 'FruitModel', 'batched_predict',
-           'runtime', 'LiteRT', 'litert_file', 'model_code', 'model_file', 'predict']
+           'runtime', 'LiteRT', 'litert_copy', 'model_code', 'model_file', 'predict']
 
 # %% ../nbs/06_predict.ipynb #90aa486d
 def _as_bytes(v) -> bytes:
@@ -74,11 +74,17 @@ def runtime(want: str,  # one of RUNTIMES
     if not installed: raise ValueError("runtime litert: ai-edge-litert is not installed (pip install ai-edge-litert)")
     return "litert"
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
 class LiteRT:
-    "A LiteRT model run by `ai-edge-litert`: `predict(x)` as Keras' `predict`, for a batch of images; one call at a time."
+    "A LiteRT copy (a folder: `model.tflite`, and `head.npz` when the softmax is kept apart) run by `ai-edge-litert`: `predict(x)` as Keras' `predict`; one call at a time."
     def __init__(self, path: str|Path, threads: int|None = None):
         from ai_edge_litert.interpreter import Interpreter
-        self.it = Interpreter(model_path=str(path), num_threads=threads or min(4, os.cpu_count() or 1))
+        path = Path(path)
+        self.head = dict(np.load(path/"head.npz")) if (path/"head.npz").exists() else None  # kernel, bias
+        self.it = Interpreter(model_path=str(path/"model.tflite"), num_threads=threads or min(4, os.cpu_count() or 1))
         (inp,), (out,) = self.it.get_input_details(), self.it.get_output_details()
         self.it.resize_tensor_input(inp["index"], (1, *inp["shape"][1:])); self.it.allocate_tensors()  # once: see below
         self.inp, self.out, self.lock = inp["index"], out["index"], threading.Lock()
@@ -86,7 +92,8 @@ class LiteRT:
 
     def _one(self, im: np.ndarray) -> np.ndarray:
         self.it.set_tensor(self.inp, im[None]); self.it.invoke()
-        return self.it.get_tensor(self.out).copy()
+        out = self.it.get_tensor(self.out).copy()
+        return out if self.head is None else _softmax(out @ self.head["kernel"] + self.head["bias"])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         with self.lock: return np.concatenate([self._one(im) for im in x])
@@ -101,20 +108,42 @@ def _converters(model):
     yield lambda: tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function(spec)], model)
     yield lambda: tf.lite.TFLiteConverter.from_keras_model(model)  # slower: it saves the model first
 
-def litert_file(model,  # a Keras model
-                dest: Path,  # folder of the file
-                probe: np.ndarray,  # a few images it takes: the copy must answer them as `model` does
-               ) -> str:
-    "Convert `model` to a LiteRT flatbuffer (float32) in `dest`, checked on `probe`: the `litert_model` artifact's path."
-    p, off, why = Path(dest)/"model.tflite", None, ""
-    want = np.asarray(model(probe.astype("float32"), training=False))  # a call: `predict` would trace a function first
+def _tflite(model, p: Path, cached: Path|None):
+    "Write `model` converted to `p`, from `cached` when it is there, else by each converter in turn: None after each, or why it failed."
+    if cached and cached.exists(): shutil.copyfile(cached, p); yield None; return
     for converter in _converters(model):
         try: p.write_bytes(converter().convert())
-        except Exception as e: why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"; continue
-        off = float(np.nan_to_num(np.abs(LiteRT(p).predict(probe.astype("float32")) - want).max(), nan=np.inf))
-        if off <= LITERT_TOLERANCE: return str(p)
-    p.unlink(missing_ok=True)
-    raise ValueError(f"no LiteRT copy of this model: " + (f"it differs from Keras by {off:.2g}" if off is not None else why))
+        except Exception as e: yield f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"; continue
+        yield None
+
+def litert_copy(model,  # a Keras model
+                dest: Path,  # the copy goes in its `litert/`
+                probe: np.ndarray,  # a few images it takes: the copy must answer them as `model` does
+                cache: Path|None = None,  # the layers below the softmax are frozen (efficientnet): convert them once, keep them here
+               ) -> str:
+    "Convert `model` to a LiteRT copy (float32) in `dest`/litert, checked on `probe`: the `litert_model` artifact's path."
+    import hashlib, keras, tensorflow as tf
+    out, why = Path(dest)/"litert", "no converter"
+    out.mkdir(parents=True, exist_ok=True)
+    want = np.asarray(model(probe.astype("float32"), training=False))  # a call: `predict` would trace a function first
+    part, cached = model, None
+    if cache:  # the frozen part, the same in every run, and the softmax's weights beside it
+        part = keras.Model(model.inputs, model.layers[-2].input)
+        kernel, bias = model.layers[-1].get_weights()
+        np.savez(out/"head.npz", kernel=kernel, bias=bias)
+        key = hashlib.sha256(repr((tf.__version__, part.inputs[0].shape)).encode() + b"".join(w.tobytes() for w in part.get_weights()))
+        cached = Path(cache)/f"{key.hexdigest()[:32]}.tflite"
+    for failed in _tflite(part, out/"model.tflite", cached):
+        if failed: why = failed; continue
+        off = float(np.nan_to_num(np.abs(LiteRT(out).predict(probe.astype("float32")) - want).max(), nan=np.inf))
+        if off <= LITERT_TOLERANCE:
+            if cached and not cached.exists():  # whole or not at all, for the next run
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(out/"model.tflite", tmp := cached.with_suffix(f".{os.getpid()}")); os.replace(tmp, cached)
+            return str(out)
+        why = f"it differs from Keras by {off:.2g}"
+    shutil.rmtree(out)
+    raise ValueError(f"no LiteRT copy of this model: {why}")
 
 # %% ../nbs/06_predict.ipynb #6caecfc2
 MODEL_CODE = ("__init__.py", "core.py", "predict.py")  # the modules of `fruitflow` that loading the pyfunc imports

@@ -290,7 +290,7 @@ def train(split_dir: Path,  # the split written by preprocess
           precision: str = "auto",  # float32 | bfloat16 (computed in bfloat16) | auto: bfloat16 where `bfloat16_native()`, but float32 for efficientnet; the saved model is float32
           features: str = "pooled",  # efficientnet's head learns from: pooled (its 1280 pooled features) | fruit (ImageNet's scores of its 10 fruit classes)
           callbacks: list = (),  # Keras callbacks of the fit, besides early stopping (`EpochLog` in a run)
-          litert: bool = False,  # also write its LiteRT copy beside it (`fruitflow.predict.litert_file`), if one passes
+          litert: bool = False,  # also write its LiteRT copy beside it (`fruitflow.predict.litert_copy`), if one passes
          ) -> dict:
     "Fit a `model_kind` classifier on the train split and save it to `model_path`."
     if precision not in (*PRECISIONS, "auto"):
@@ -352,8 +352,12 @@ def train(split_dir: Path,  # the split written by preprocess
     model.save_weights(weights_path)
     copy = {}
     if litert:  # checked on a few of the split's images
-        from fruitflow.predict import litert_file
-        try: copy["litert_path"] = litert_file(model, model_path.parent, np.load(Path(split_dir)/"x.npy", mmap_mode="r")[:8])
+        from fruitflow.config import user_cache
+        from fruitflow.predict import litert_copy
+        try: frozen = user_cache()/"litert" if model_kind == "efficientnet" else None  # its backbone, converted once
+        except RuntimeError: frozen = None  # no home folder: converted each time
+        probe = np.load(Path(split_dir)/"x.npy", mmap_mode="r")[:8]
+        try: copy["litert_path"] = litert_copy(model, model_path.parent, probe, frozen)
         except ValueError as e: copy["litert_error"] = str(e)
     recipe = dict(model_kind=model_kind, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width,
                   augment=augment, patience=patience, seed=seed, synthetic=synthetic, precision=precision,
