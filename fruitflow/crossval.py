@@ -129,7 +129,8 @@ def head_crossval(split_dir: Path,  # the preprocessed set: all its usable image
     y, model = np.load(split_dir/"y.npy"), model or keras.saving.load_model(model_path, compile=False)
     # the pooled features, below the dropout and the softmax
     features = keras.Model(model.inputs, model.layers[-2].input)
-    x = features.predict(np.load(split_dir/"x.npy").astype(np.float32), batch_size=batch_size, verbose=0)
+    images = np.load(split_dir/"x.npy").astype(np.float32)  # fewer than FEW + their test split: called, not `predict`, which traces
+    x = np.concatenate([np.asarray(features(images[i:i + batch_size], training=False)) for i in range(0, len(images), batch_size)])
     accs, sizes, n_classes = [], [], model.outputs[0].shape[-1]
     for i, test_idx in enumerate(folds(y, k, seed)):
         rest = np.setdiff1d(np.arange(len(y)), test_idx)

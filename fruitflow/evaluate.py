@@ -50,8 +50,10 @@ def evaluate(split_dir: Path,  # the split written by preprocess
     info, out_dir = split_info(split_dir), Path(out_dir)
     model = model or keras.saving.load_model(model_path, compile=False)  # predicting needs no optimizer
     ds = load_split(split_dir, "test", batch_size)
-    # one pass: `model.evaluate` would trace and run the model again for the same figures
-    probs = model.predict(ds, verbose=0)
+    # one pass: `model.evaluate` would trace and run the model again for the same figures; a few images are called
+    # through the model, as `predict` would first trace a function for them (0.8 s)
+    few = len(info["splits"]["test"]) <= 64
+    probs = np.concatenate([np.asarray(model(b[0], training=False)) for b in ds]) if few else model.predict(ds, verbose=0)
     y = np.concatenate([b[1].numpy() for b in ds])
     # the loss train compiled
     loss = float(np.mean(keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y, probs))))
