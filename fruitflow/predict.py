@@ -45,8 +45,10 @@ class FruitModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         images = list(model_input["image"])
-        arrays = self.pool.map(self._array, range(len(images)), images) if len(images) > 1 else [self._array(0, images[0])]
-        x = np.stack(list(arrays)).astype("float32")  # Pillow decodes and resizes without the GIL: a batch's images in parallel
+        arrays = (self.pool.map(self._array, range(len(images)), images) if len(images) > 1
+                  else [self._array(0, images[0])])
+        # Pillow decodes and resizes without the GIL: a batch's images in parallel
+        x = np.stack(list(arrays)).astype("float32")
         p = self.model.predict(x) if self.runtime == "litert" else batched_predict(self.model, x)
         return pd.DataFrame({"label": [self.classes[i] for i in p.argmax(1)],
                              **{f"p_{c}": p[:, i].astype(float) for i, c in enumerate(self.classes)}})
@@ -57,7 +59,8 @@ def batched_predict(model,  # a Keras model
                     batch_size: int = 32,  # Keras' `predict` default
                    ) -> np.ndarray:
     "`model.predict(x)` without its per-call set-up: the same batches through the same compiled step."
-    return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+    return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + batch_size]))
+                           for i in range(0, len(x), batch_size)])
 
 # %% ../nbs/06_predict.ipynb #7d123406
 MODEL_CONFIG = {"runtime": "auto"}  # logged with the model: MLflow lets a load override only the keys logged
@@ -70,7 +73,9 @@ def runtime(want: str,  # one of RUNTIMES
     try: import ai_edge_litert.interpreter; installed = True
     except ImportError: installed = False
     if want == "keras" or want == "auto" and not (has_litert and installed): return "keras"
-    if not has_litert: raise ValueError("runtime litert: this model version has no LiteRT copy (logged before fruitflow had one): use keras")
+    if not has_litert:
+        raise ValueError("runtime litert: this model version has no LiteRT copy (logged before fruitflow had one): "
+                         "use keras")
     if not installed: raise ValueError("runtime litert: ai-edge-litert is not installed (pip install ai-edge-litert)")
     return "litert"
 
@@ -131,7 +136,8 @@ def litert_copy(model,  # a Keras model
         part = keras.Model(model.inputs, model.layers[-2].input)
         kernel, bias = model.layers[-1].get_weights()
         np.savez(out/"head.npz", kernel=kernel, bias=bias)
-        key = hashlib.sha256(repr((tf.__version__, part.inputs[0].shape)).encode() + b"".join(w.tobytes() for w in part.get_weights()))
+        key = hashlib.sha256(repr((tf.__version__, part.inputs[0].shape)).encode()
+                             + b"".join(w.tobytes() for w in part.get_weights()))
         cached = Path(cache)/f"{key.hexdigest()[:32]}.tflite"
     for failed in _tflite(part, out/"model.tflite", cached):
         if failed: why = failed; continue
@@ -139,7 +145,8 @@ def litert_copy(model,  # a Keras model
         if off <= LITERT_TOLERANCE:
             if cached and not cached.exists():  # whole or not at all, for the next run
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(out/"model.tflite", tmp := cached.with_suffix(f".{os.getpid()}")); os.replace(tmp, cached)
+                shutil.copyfile(out/"model.tflite",
+                                tmp := cached.with_suffix(f".{os.getpid()}")); os.replace(tmp, cached)
             return str(out)
         why = f"it differs from Keras by {off:.2g}"
     shutil.rmtree(out)

@@ -45,7 +45,8 @@ def _info(uri: str,  # a model URI
     if not m: return dict(uri=uri, name=None, version=None, run_id=None, alias=None)
     name, alias, version = m.groups()
     mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    return dict(uri=uri, name=name, version=int(mv.version), run_id=mv.run_id, alias=alias or (mv.aliases[0] if mv.aliases else None))
+    return dict(uri=uri, name=name, version=int(mv.version), run_id=mv.run_id,
+                alias=alias or (mv.aliases[0] if mv.aliases else None))
 
 def load_model(uri: str = DEFAULT_MODEL,  # an MLflow model URI
                runtime: str = "auto",  # what it predicts with: auto | litert | keras (`fruitflow.predict.RUNTIMES`)
@@ -58,15 +59,19 @@ def load_model(uri: str = DEFAULT_MODEL,  # an MLflow model URI
             mlflow.set_registry_uri(reg)
             # MLflow 3 also looks the logged model up in the tracking store; unset, that would create ./mlflow.db
             if not os.environ.get("MLFLOW_TRACKING_URI"): mlflow.set_tracking_uri(reg)
-            model = mlflow.pyfunc.load_model(uri, model_config={"runtime": runtime})  # a version logged without it: ignored
-            got = getattr(model.unwrap_python_model(), "runtime", "keras")  # what it loaded with: `auto` and old versions decide
+            # model_config: ignored by a version logged without it
+            model = mlflow.pyfunc.load_model(uri, model_config={"runtime": runtime})
+            # what it loaded with: `auto` and old versions decide
+            got = getattr(model.unwrap_python_model(), "runtime", "keras")
             return model, _info(uri, mlflow.MlflowClient(registry_uri=reg)) | dict(runtime=got)
     except Exception as e:
         from mlflow.exceptions import MlflowException
         if not isinstance(e, (MlflowException, OSError, ValueError)): raise  # ValueError: a runtime it cannot have
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        if uri.endswith("@champion") and "alias champion not found" in why:  # every version so far waits as the challenger (too few test images, say)
-            why += f" No version has become the champion yet; the latest that did not is {uri.removesuffix('@champion')}@challenger."
+        # every version so far waits as the challenger (too few test images, say)
+        if uri.endswith("@champion") and "alias champion not found" in why:
+            why += (" No version has become the champion yet; the latest that did not is "
+                    f"{uri.removesuffix('@champion')}@challenger.")
         raise ModelError(f"model {uri} cannot be loaded from {reg}: {why}") from e
 
 # %% ../nbs/12_serve.ipynb #78931235
@@ -77,7 +82,8 @@ def _rows(model,  # a loaded pyfunc
     "One dict per image, `file` then the model's columns (label, p_<class>), from one batch."
     import pandas as pd
     out = model.predict(pd.DataFrame({"image": list(images)}))
-    cols = {"file": list(names)} | {k: out[k].tolist() for k in out.columns}  # Python's str and float: a quarter of `to_dict`'s time
+    # Python's str and float: a quarter of `to_dict`'s time
+    cols = {"file": list(names)} | {k: out[k].tolist() for k in out.columns}
     return [dict(zip(cols, row)) for row in zip(*cols.values())]
 
 def _decoded(model,  # a loaded pyfunc
@@ -123,10 +129,12 @@ def predict_cmd(args: argparse.Namespace) -> int:
     except ModelError as e:
         print(f"fruitflow predict: {e}", file=sys.stderr)
         return 1
-    if info["version"]: print(f"fruitflow predict: {args.model} is {info['name']} version {info['version']}", file=sys.stderr)
+    if info["version"]:
+        print(f"fruitflow predict: {args.model} is {info['name']} version {info['version']}", file=sys.stderr)
     rows, errors = label_files(model, args.images)
     for e in errors: print(f"fruitflow predict: {e}", file=sys.stderr)
-    if rows and args.json: print("\n".join(json.dumps(r | {"model_version": info["version"]}) for r in rows), flush=True)
+    if rows and args.json:
+        print("\n".join(json.dumps(r | {"model_version": info["version"]}) for r in rows), flush=True)
     elif rows: print(_table(rows), flush=True)
     return 1 if errors else 0
 
@@ -145,8 +153,10 @@ async def _files(request) -> list[tuple[str, bytes]]:
     try:
         async with request.form(max_files=MAX_FILES) as form:
             uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            files = [(Path(f.filename or "").name[-200:] or f"image {i}", await f.read()) for i, f in enumerate(uploads, 1)]
-    except (HTTPException, MultiPartException) as e:  # HTTPException inside an app; Starlette's messages never quote the body
+            files = [(Path(f.filename or "").name[-200:] or f"image {i}", await f.read())
+                     for i, f in enumerate(uploads, 1)]
+    except (HTTPException, MultiPartException) as e:
+        # HTTPException inside an app; Starlette's messages never quote the body
         raise RequestError(400, f"multipart/form-data body refused: {getattr(e, 'detail', None) or e}") from e
     if not files: raise RequestError(400, "the multipart body has no file in it")
     return files
@@ -156,7 +166,8 @@ async def _images(request) -> list[tuple[str, bytes]]:
     body, ct = await request.body(), request.headers.get("content-type", "").lower()  # read whole first: see above
     if ct.startswith("multipart/form-data"): return await _files(request)  # Starlette parses the body read above
     if ct and not ct.startswith(("image/", "application/octet-stream")):
-        raise RequestError(415, "send a multipart/form-data upload or raw image bytes (image/* or application/octet-stream)")
+        raise RequestError(415, "send a multipart/form-data upload or raw image bytes "
+                                "(image/* or application/octet-stream)")
     if not body: raise RequestError(400, "the request has no image in it")
     return [("image 1", body)]
 
@@ -168,7 +179,8 @@ def _status(e: ImageError) -> int:
 class BodyTooLarge(Exception):
     "A request body that passed the server's limit while it streamed in."
 
-DRAIN_BYTES, DRAIN_SECONDS = 100_000_000, 10  # after a 413, the most of the rest of the body read and dropped, and for how long
+# after a 413, the most of the rest of the body read and dropped, and for how long
+DRAIN_BYTES, DRAIN_SECONDS = 100_000_000, 10
 
 class BodyLimit:
     "ASGI middleware: 413 for a body over `limit` bytes, by its Content-Length or while it streams in; the unread rest is drained before closing."
@@ -210,11 +222,13 @@ async def _drain(receive):
 
 def _too_large(limit: int):
     from starlette.responses import JSONResponse
-    return JSONResponse({"detail": f"the request body is over the limit of {limit:,} bytes"}, 413, headers={"Connection": "close"})
+    return JSONResponse({"detail": f"the request body is over the limit of {limit:,} bytes"}, 413,
+                        headers={"Connection": "close"})
 
 # %% ../nbs/12_serve.ipynb #82c1f5bb
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
@@ -231,7 +245,8 @@ def app(model,  # a loaded pyfunc (anything with `predict(DataFrame)`)
     from starlette.concurrency import run_in_threadpool
     from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.requests import ClientDisconnect
-    api, lock = FastAPI(title="fruitflow", summary="Apples or oranges, from the MLflow Model Registry."), threading.Lock()
+    api, lock = (FastAPI(title="fruitflow", summary="Apples or oranges, from the MLflow Model Registry."),
+                 threading.Lock())
 
     def answer(images):
         for name, b in images: load_image(b, name=name, max_pixels=max_pixels, decode=False)  # as in `label_files`
@@ -246,12 +261,14 @@ def app(model,  # a loaded pyfunc (anything with `predict(DataFrame)`)
         except ClientDisconnect: return JSONResponse({"detail": "the request body ended early"}, 400)
         except RequestError as e: return JSONResponse({"detail": str(e)}, e.status)
         except ImageError as e: return JSONResponse({"detail": str(e)}, _status(e))
-    predict.__annotations__ = {"request": Request}  # a real class: this module's annotations are strings, and Request is imported here
+    # a real class: this module's annotations are strings, and Request is imported here
+    predict.__annotations__ = {"request": Request}
     api.post("/predict", summary="Label one or more images", openapi_extra=_PREDICT_BODY)(predict)
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request, e):  # FastAPI's default answer quotes the input
-        return JSONResponse({"detail": [{k: v for k, v in err.items() if k in ("type", "loc", "msg")} for err in e.errors()]}, 422)
+        return JSONResponse({"detail": [{k: v for k, v in err.items() if k in ("type", "loc", "msg")}
+                                        for err in e.errors()]}, 422)
 
     @api.get("/", include_in_schema=False)
     def home(): return RedirectResponse("/docs")
@@ -273,7 +290,8 @@ def _steady_malloc(arenas: int = 2):
     M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's malloc.h
     with contextlib.suppress(OSError, AttributeError, TypeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(M_ARENA_MAX, arenas); libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)  # fixed: a request body of a few MB is mapped and unmapped
+        # M_MMAP_THRESHOLD fixed: a request body of a few MB is mapped and unmapped
+        libc.mallopt(M_ARENA_MAX, arenas); libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 def serve_cmd(args: argparse.Namespace) -> int:
     "`fruitflow serve`: the HTTP API around a registered model."
@@ -283,8 +301,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
         print(f"fruitflow serve: {e}", file=sys.stderr)
         return 1
     import uvicorn
-    print(f"fruitflow serve: {args.model} (version {info['version']}, {info['runtime']}) on http://{args.host}:{args.port}/ "
-          "(API docs at /docs)", flush=True)
+    print(f"fruitflow serve: {args.model} (version {info['version']}, {info['runtime']}) "
+          f"on http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
     uvicorn.run(app(model, info, args.host, args.max_body_bytes, args.max_pixels), host=args.host, port=args.port,
                 log_level="warning", server_header=False, timeout_keep_alive=5)
     return 0
@@ -301,16 +319,21 @@ def add_parsers(sub):  # the `fruitflow` command's sub-parsers
     p = sub.add_parser("predict", help="label image files with the registered model")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"MLflow model URI (default {DEFAULT_MODEL}), {reg}")
-    p.add_argument("--json", action="store_true", help="one JSON object per line (file, label, p_apple, p_orange) instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line (file, label, p_apple, p_orange) instead of a table")
     p.set_defaults(func=predict_cmd)
-    runtime = dict(choices=RUNTIMES, default="auto", help="what the model predicts with: litert (no TensorFlow), keras, or auto "
-                                                         "(litert when the version has a LiteRT copy and ai-edge-litert is installed)")
+    runtime = dict(choices=RUNTIMES, default="auto",
+                   help="what the model predicts with: litert (no TensorFlow), keras, or auto "
+                        "(litert when the version has a LiteRT copy and ai-edge-litert is installed)")
     p.add_argument("--runtime", **runtime)
-    s = sub.add_parser("serve", help="serve the registered model over HTTP (POST /predict, GET /health, GET /model, /docs)")
+    s = sub.add_parser("serve",
+                       help="serve the registered model over HTTP (POST /predict, GET /health, GET /model, /docs)")
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"MLflow model URI (default {DEFAULT_MODEL}), {reg}")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=_positive, default=5001, help="port (default 5001)")
-    s.add_argument("--max-body-bytes", type=_positive, default=MAX_BODY_BYTES, help=f"largest request body (default {MAX_BODY_BYTES:,}); larger gets 413")
-    s.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, help=f"most pixels in one image (default {MAX_PIXELS:,}); more gets 413")
+    s.add_argument("--max-body-bytes", type=_positive, default=MAX_BODY_BYTES,
+                   help=f"largest request body (default {MAX_BODY_BYTES:,}); larger gets 413")
+    s.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS,
+                   help=f"most pixels in one image (default {MAX_PIXELS:,}); more gets 413")
     s.add_argument("--runtime", **runtime)
     s.set_defaults(func=serve_cmd)
