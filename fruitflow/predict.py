@@ -114,12 +114,12 @@ def _converters(model):
     yield lambda: tf.lite.TFLiteConverter.from_keras_model(model)  # slower: it saves the model first
 
 def _tflite(model, p: Path, cached: Path|None):
-    "Write `model` converted to `p`, from `cached` when it is there, else by each converter in turn: None after each, or why it failed."
-    if cached and cached.exists(): shutil.copyfile(cached, p); yield None; return
+    "Write `model` converted to `p`: from `cached` when it is there, then by each converter in turn; after each, where it came from and why it failed (None: written)."
+    if cached and cached.exists(): shutil.copyfile(cached, p); yield "cache", None
     for converter in _converters(model):
         try: p.write_bytes(converter().convert())
-        except Exception as e: yield f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"; continue
-        yield None
+        except Exception as e: yield "converter", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"; continue
+        yield "converter", None
 
 def litert_copy(model,  # a Keras model
                 dest: Path,  # the copy goes in its `litert/`
@@ -136,14 +136,15 @@ def litert_copy(model,  # a Keras model
         part = keras.Model(model.inputs, model.layers[-2].input)
         kernel, bias = model.layers[-1].get_weights()
         np.savez(out/"head.npz", kernel=kernel, bias=bias)
-        key = hashlib.sha256(repr((tf.__version__, part.inputs[0].shape)).encode()
-                             + b"".join(w.tobytes() for w in part.get_weights()))
+        shape = (tf.__version__, part.inputs[0].shape, part.outputs[0].shape, [type(l).__name__ for l in part.layers])
+        key = hashlib.sha256(repr(shape).encode() + b"".join(w.tobytes() for w in part.get_weights()))
         cached = Path(cache)/f"{key.hexdigest()[:32]}.tflite"
-    for failed in _tflite(part, out/"model.tflite", cached):
+    for source, failed in _tflite(part, out/"model.tflite", cached):
         if failed: why = failed; continue
-        off = float(np.nan_to_num(np.abs(LiteRT(out).predict(probe.astype("float32")) - want).max(), nan=np.inf))
+        try: off = float(np.nan_to_num(np.abs(LiteRT(out).predict(probe.astype("float32")) - want).max(), nan=np.inf))
+        except Exception as e: why = f"the {source}'s copy does not load ({type(e).__name__})"; continue
         if off <= LITERT_TOLERANCE:
-            if cached and not cached.exists():  # whole or not at all, for the next run
+            if cached and source == "converter":  # kept for the next run, whole or not at all (a bad one replaced)
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(out/"model.tflite",
                                 tmp := cached.with_suffix(f".{os.getpid()}")); os.replace(tmp, cached)
