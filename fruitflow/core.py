@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'MIN_SIDE', 'RUNTIMES', 'WEIGHTS_PACKAGE', 'WEIGHTS_FILE', 'ImageError', 'load_image', 'to_array',
-           'list_images', 'step_run', 'package_weights']
+__all__ = ['MAX_PIXELS', 'MIN_SIDE', 'RUNTIMES', 'WEIGHTS_PACKAGE', 'WEIGHTS_FILE', 'ImageError', 'load_image', 'softmax',
+           'to_array', 'list_images', 'step_run', 'package_weights']
 
 # %% ../nbs/00_core.ipynb #0b02fd3d
 MAX_PIXELS = 40_000_000  # refuse images above this many pixels (decompression bombs) before decoding
@@ -62,6 +62,11 @@ def load_image(src: str|Path|bytes,  # a path, or the file's bytes
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {why[:80]})") from e
 
 # %% ../nbs/00_core.ipynb #3b7163ec
+def softmax(z: np.ndarray) -> np.ndarray:
+    "The softmax of each row of `z` (scores → probabilities), as Keras' output layer computes it."
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
 def to_array(im: Image.Image,  # an RGB image from `load_image`
              size: int,  # side of the square the model expects
             ) -> np.ndarray:

@@ -11,7 +11,7 @@ import pandas as pd
 import mlflow.pyfunc
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
-from .core import RUNTIMES, load_image, to_array
+from .core import RUNTIMES, load_image, softmax, to_array
 
 # %% auto #0
 __all__ = ['MODEL_CONFIG', 'LITERT_TOLERANCE', 'MODEL_CODE', 'MODEL_FILE', 'signature', 'FruitModel', 'batched_predict',
@@ -79,10 +79,6 @@ def runtime(want: str,  # one of RUNTIMES
     if not installed: raise ValueError("runtime litert: ai-edge-litert is not installed (pip install ai-edge-litert)")
     return "litert"
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
 class LiteRT:
     "A LiteRT copy (a folder: `model.tflite`, and `head.npz` when the softmax is kept apart) run by `ai-edge-litert`: `predict(x)` as Keras' `predict`; one call at a time."
     def __init__(self, path: str|Path, threads: int|None = None):
@@ -98,7 +94,7 @@ class LiteRT:
     def _one(self, im: np.ndarray) -> np.ndarray:
         self.it.set_tensor(self.inp, im[None]); self.it.invoke()
         out = self.it.get_tensor(self.out).copy()
-        return out if self.head is None else _softmax(out @ self.head["kernel"] + self.head["bias"])
+        return out if self.head is None else softmax(out @ self.head["kernel"] + self.head["bias"])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         with self.lock: return np.concatenate([self._one(im) for im in x])

@@ -12,6 +12,7 @@ import keras
 from keras import layers
 import tensorflow as tf
 from .config import FEW
+from .core import softmax
 
 # %% auto #0
 __all__ = ['PIPELINE', 'PRECISIONS', 'EFFICIENTNET_SIZES', 'HEAD_L2', 'HEAD_RATE', 'HEAD_STEPS', 'load_split', 'split_info',
@@ -201,10 +202,6 @@ def _steps(n: int, batch_size: int, epochs: int, min_steps: int) -> int:
 # full-batch steps in all
 HEAD_L2, HEAD_RATE, HEAD_STEPS = 1e-3, 1e-2, 300
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
 def regression_head(x: np.ndarray,  # features, one row per image
                     y: np.ndarray,  # their labels
                     n_classes: int,  # outputs of the softmax
@@ -221,7 +218,7 @@ def regression_head(x: np.ndarray,  # features, one row per image
     for e in range(epochs):
         losses, right = [], []
         for _ in range(_steps(1, 1, epochs, HEAD_STEPS)):
-            p = _softmax(x @ params[0] + params[1])
+            p = softmax(x @ params[0] + params[1])
             # Keras' loss: the class-weighted cross-entropy over the batch, plus the kernel's L2 penalty
             losses.append((w * -np.log(np.clip(p[np.arange(n), y], 1e-7, 1))).sum() / n + HEAD_L2 * (params[0] ** 2).sum())
             right.append((w * (p.argmax(1) == y)).sum() / w.sum())
