@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_predict.ipynb #fdc51110
 from __future__ import annotations
-import base64, concurrent.futures, json, os, shutil, threading
+import base64, concurrent.futures, contextlib, json, os, shutil, threading
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -109,11 +109,23 @@ def _converters(model):
     yield lambda: tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function(spec)], model)
     yield lambda: tf.lite.TFLiteConverter.from_keras_model(model)  # slower: it saves the model first
 
+@contextlib.contextmanager
+def _quiet():
+    "TensorFlow's converter without the notes it prints (the signature of what it saved, where its assets went)."
+    import io, logging
+    log = logging.getLogger("tensorflow")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()): yield
+    finally: log.setLevel(level)
+
 def _tflite(model, p: Path, cached: Path|None):
     "Write `model` converted to `p`: from `cached` when it is there, then by each converter in turn; after each, where it came from and why it failed (None: written)."
     if cached and cached.exists(): shutil.copyfile(cached, p); yield "cache", None
     for converter in _converters(model):
-        try: p.write_bytes(converter().convert())
+        try:
+            with _quiet(): p.write_bytes(converter().convert())
         except Exception as e: yield "converter", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"; continue
         yield "converter", None
 
