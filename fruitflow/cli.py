@@ -115,4 +115,8 @@ def main(argv: list[str]|None = None) -> int:
     # their objects (1.8 s: docs/benchmarks.md)
     atexit.register(gc.freeze)
     args = parser().parse_args(argv)
-    return args.func(args)
+    from fruitflow.auth import CredentialsError
+    try: return args.func(args)
+    except CredentialsError as e:  # from a command's environment (fruitflow.auth)
+        print(f"fruitflow {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -8,6 +8,7 @@ import os, sys
 from pathlib import Path
 from .config import REGISTER_LIMIT, WORKDIR
 from .servers import env_defaults, env_from_servers, status as servers_status
+from .auth import load, refused
 from .tracking import unreachable
 
 # %% auto #0
@@ -28,9 +29,11 @@ def api_url(workdir: Path) -> str:
 def _no_server(cmd: str, url: str) -> str|None:
     "Why there is no Prefect server to talk to, in one line; None when it answers."
     if not url: return f"fruitflow {cmd}: no Prefect server: start one (fruitflow up) or set PREFECT_API_URL"
+    load()  # the credentials of a $FRUITFLOW_CREDENTIALS file, if any
     if why := unreachable(url):
         return (f"fruitflow {cmd}: the Prefect server at {url} is unreachable ({why}): start it (fruitflow up) "
                 "or set PREFECT_API_URL")
+    if why := refused("prefect", url): return f"fruitflow {cmd}: {why}"
 
 # %% ../nbs/20_deploy.ipynb #8d783717
 def ensure_pool(name: str) -> bool:

@@ -17,6 +17,7 @@ class NotReady(RuntimeError):
 
 def preflight(cfg: Config) -> str|None:
     "What keeps a run of `cfg` from starting (pretrained weights missing, a server not answering), in one line; None when all is well."
+    from fruitflow.auth import refused
     from fruitflow.tracking import ServerUnreachable, check_server, unreachable
     if model_for(cfg.model_kind, cfg.source) == "efficientnet":
         from fruitflow.core import package_weights  # not fruitflow.efficientnet, which imports Keras
@@ -27,6 +28,7 @@ def preflight(cfg: Config) -> str|None:
     api = os.environ.get("PREFECT_API_URL")
     if api and (why := unreachable(api)):
         return f"the Prefect server at {api} is unreachable ({why}): start it (fruitflow up) or unset PREFECT_API_URL"
+    if api and (why := refused("prefect", api)): return why
 
 # %% ../nbs/23_prepare.ipynb #2f62345b
 _servers: dict[Path, object] = {}  # Prefect home → its `TemporaryPrefectServer`
@@ -54,7 +56,10 @@ def prepared(cfg: Config,
     from fruitflow import kernels
     from fruitflow.servers import env_defaults, quiet_heartbeats
     wd.mkdir(parents=True, exist_ok=True)
-    env_defaults(wd)  # up's servers, PREFECT_HOME in the work folder, quiet TensorFlow and MLflow
+    from fruitflow.auth import CredentialsError
+    # up's servers, PREFECT_HOME in the work folder, quiet TensorFlow and MLflow, credentials
+    try: env_defaults(wd)
+    except CredentialsError as e: raise NotReady(str(e)) from None
     if why := preflight(cfg): raise NotReady(why)
     ahead = kernels.start_ahead(cfg) if kernel else None  # its imports overlap the rest
     home, server, ours = Path(os.environ["PREFECT_HOME"]), None, False

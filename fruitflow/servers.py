@@ -8,6 +8,7 @@ import argparse, contextlib, datetime, hashlib, json, os, re, shutil, signal, so
 from pathlib import Path
 from .config import PREFECT_HOME, STATE, user_cache
 from .stores import DATABASES, DatabaseError, ensure_databases, redacted, server_env
+from . import auth
 
 # %% auto #0
 __all__ = ['HOST', 'SERVERS', 'HEALTH', 'API', 'WARM', 'PARENT', 'start_time', 'running', 'env_from_servers', 'up', 'status',
@@ -25,26 +26,32 @@ def _client_host(host: str) -> str:
     return HOST if host in ("0.0.0.0", "::") else host  # where this machine reaches a server bound to `host`
 
 # database: a PostgreSQL server for both ("": SQLite in `workdir`)
-def _command(name: str, port: int, workdir: Path, database: str = "", host: str = HOST) -> tuple[list[str], dict]:
+# given: the credentials both servers ask for (`fruitflow.auth`; None: they ask for none)
+def _command(name: str, port: int, workdir: Path, database: str = "", host: str = HOST,
+             given: dict|None = None) -> tuple[list[str], dict]:
     "The command line and extra environment that start server `name` on `host`:`port` over `workdir`'s stores."
     # the warm kernel's keeper (no port)
     if name == "kernel": return [sys.executable, "-c", "from fruitflow.warm import keep; keep()"], {}
     # the database's password in the environment, never the command line
     bin_, db = Path(sys.executable).parent, server_env(database, name) if database else {}
+    # the secrets in the environment too
+    args, secret = auth.server_env(name, workdir/STATE, given) if given else ([], {})
     if name == "prefect":
         return ([str(bin_/"prefect"), "server", "start", "--host", host, "--port", str(port)],
                 {"PREFECT_HOME": str(workdir/PREFECT_HOME), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                  "PREFECT_API_URL": f"http://{_client_host(host)}:{port}/api",
-                 "PREFECT_UI_API_URL": f"http://{_client_host(host)}:{port}/api"} | db)
+                 "PREFECT_UI_API_URL": f"http://{_client_host(host)}:{port}/api"} | db | secret)
     store = [] if database else ["--backend-store-uri", f"sqlite:///{(workdir/'mlflow.db').as_posix()}"]
     return ([str(bin_/"mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1", *store,
-             "--artifacts-destination", (workdir/"mlartifacts").as_uri()],
-            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | db)
+             "--artifacts-destination", (workdir/"mlartifacts").as_uri(), *args],
+            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | db | secret)
 
 # %% ../nbs/13_servers.ipynb #d133be1c
 def start_time(pid: int) -> int|None:
-    "The start time of process `pid` (clock ticks after boot), None if there is no such process."
-    try: return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    "The start time of process `pid` (clock ticks after boot), None if there is no such process or it has exited (a zombie)."
+    try:
+        state, *_, start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:20]
+        return None if state == "Z" else int(start)  # its parent has not reaped it yet (`up` never does)
     except (OSError, IndexError, ValueError): return None
 
 def _pidfile(workdir: Path, name: str) -> Path: return Path(workdir).resolve()/STATE/f"{name}.json"
@@ -88,11 +95,13 @@ WARM = {"prefect": "/api/admin/version", "mlflow": "/api/2.0/mlflow/experiments/
 
 def _warm_up(info: dict, timeout: float = 30) -> None:
     "Make the first API call to the server of `info`, which costs a fresh server what it sets up on it, so that the first run does not wait for that."
-    with contextlib.suppress(OSError), urllib.request.urlopen(info["url"] + WARM[info["name"]], timeout=timeout): pass
+    req = urllib.request.Request(info["url"] + WARM[info["name"]], headers=auth.headers(info["name"]))
+    with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=timeout): pass
 
-def _start(name: str, port: int|None, workdir: Path, database: str = "", host: str = HOST) -> dict:
-    "Start server `name` on `port` in the background; its pid file contents."
-    cmd, extra = _command(name, port, workdir, database, host)
+def _start(name: str, port: int|None, workdir: Path, database: str = "", host: str = HOST,
+           given: dict|None = None) -> dict:
+    "Start server `name` on `port` in the background, asking for credentials `given` if any; its pid file contents."
+    cmd, extra = _command(name, port, workdir, database, host, given)
     state = workdir/STATE
     state.mkdir(parents=True, exist_ok=True)
     log = state/f"{name}.log"
@@ -100,7 +109,7 @@ def _start(name: str, port: int|None, workdir: Path, database: str = "", host: s
         p = subprocess.Popen(cmd, cwd=workdir, env=os.environ | extra, stdout=f, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True)
     info = dict(name=name, pid=p.pid, start=start_time(p.pid), port=port,
-                url=f"http://{_client_host(host)}:{port}" if port else None, log=str(log))
+                url=f"http://{_client_host(host)}:{port}" if port else None, log=str(log), auth=bool(given))
     _pidfile(workdir, name).write_text(json.dumps(info))
     return info
 
@@ -146,22 +155,40 @@ def _stop(info: dict, grace: float = 20) -> None:
 
 # %% ../nbs/13_servers.ipynb #015aed37
 def _exposed(host: str) -> None:
-    "Warn that the servers listen beyond this machine, and say which of Prefect's basic auth and MLflow's allowed hosts are set (from the environment)."
-    auth, hosts = os.environ.get("PREFECT_SERVER_API_AUTH_STRING"), os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS")
-    print(f"fruitflow up: warning: the servers listen on {host}, beyond this machine; "
-          f"Prefect {'asks for basic auth (clients set PREFECT_API_AUTH_STRING)' if auth else 'has no password: set PREFECT_SERVER_API_AUTH_STRING=user:password'}; "
-          f"MLflow {'answers the host names in MLFLOW_SERVER_ALLOWED_HOSTS' if hosts else 'answers localhost and private addresses only, until MLFLOW_SERVER_ALLOWED_HOSTS lists your host names'}, and has no login (put a proxy with TLS in front)", file=sys.stderr)
+    "Say that the servers listen beyond this machine with passwords, and what is left to the user: TLS, and MLflow's allowed hosts."
+    hosts = os.environ.get("MLFLOW_SERVER_ALLOWED_HOSTS")
+    print(f"fruitflow up: the servers listen on {host}, beyond this machine, and ask for the credentials given; basic "
+          "auth sends them as clear text, so keep to a private network or put TLS in front; MLflow "
+          + ("answers the host names in MLFLOW_SERVER_ALLOWED_HOSTS" if hosts else
+             "answers localhost and private addresses only, until MLFLOW_SERVER_ALLOWED_HOSTS lists your host names"),
+          file=sys.stderr)
+
+def _credentials(args, have: dict) -> tuple[dict|None, str|None]:
+    "The credentials `up` starts its servers with (None: loopback without --auth), or why it cannot start, in one line."
+    exposed = args.host not in auth.LOOPBACK
+    if not (exposed or args.auth): return None, None
+    try: auth.check(given := auth.load())
+    except auth.CredentialsError as e:
+        return None, (f"--host {args.host} lets other machines reach both servers, so both ask for a password: {e}"
+                      if exposed else f"--auth: {e}")
+    if open_ := [n for n, i in have.items() if not i.get("auth")]:
+        return None, f"{', '.join(open_)} already runs without a password: stop it first (fruitflow down)"
+    return given, None
 
 def up(args) -> int:
     "`fruitflow up`: start the servers that are not running yet, wait until they answer, print their URLs."
     wd = Path(args.workdir).resolve()
     ports, have = {"prefect": args.prefect_port, "mlflow": args.mlflow_port}, running(wd)
+    given, why = _credentials(args, have)
+    if why:
+        print(f"fruitflow up: error: {why}", file=sys.stderr)
+        return 1
     for n in SERVERS:
         if n not in have and not _port_free(ports[n], args.host):
             print(f"fruitflow up: error: port {ports[n]} on {args.host} is taken by another program; "
                   f"choose another with --{n}-port", file=sys.stderr)
             return 1
-    if args.host not in (HOST, "localhost", "::1"): _exposed(args.host)
+    if args.host not in auth.LOOPBACK: _exposed(args.host)
     if args.database and len(have) < len(SERVERS):
         try: made = ensure_databases(args.database)
         except DatabaseError as e:
@@ -169,7 +196,7 @@ def up(args) -> int:
             return 1
         print(f"stores: PostgreSQL {redacted(args.database)}, databases {', '.join(DATABASES.values())}"
               + (f" (created {', '.join(made)})" if made else ""))
-    started = [_start(n, ports[n], wd, args.database, args.host) for n in SERVERS if n not in have]
+    started = [_start(n, ports[n], wd, args.database, args.host, given) for n in SERVERS if n not in have]
     for n, i in have.items(): print(f"{n} is already running (pid {i['pid']})")
     failed = _wait(started + list(have.values()), args.timeout)
     for n in failed:
@@ -181,6 +208,10 @@ def up(args) -> int:
               f"see {wd/STATE}/<server>.log", file=sys.stderr)
         return 1
     r = running(wd)
+    if given and (why := _refused(r)):
+        for i in started: _stop(i); _pidfile(wd, i["name"]).unlink(missing_ok=True)
+        print(f"fruitflow up: error: {why}", file=sys.stderr)
+        return 1
     for i in r.values(): _warm_up(i)
     if args.warm_kernel and _keep_kernel(wd, args.timeout): return 1
     print(f"Prefect: {r['prefect']['url']}\nMLflow:  {r['mlflow']['url']}\n"
@@ -188,6 +219,14 @@ def up(args) -> int:
     from fruitflow.tracking import settle
     for line in settle(wd): print(line)  # runs that ended while the server was away get their status now
     return 0
+
+def _refused(r: dict) -> str|None:
+    "Why one of the running servers `r` refuses the credentials in the environment, in one line; None when both accept them."
+    for n, i in r.items():
+        if why := auth.refused(n, i["url"] + API[n]):
+            # the basic-auth app creates its admin once
+            return why + (f" (MLflow's admin keeps the password of its first start, in "
+                          f"{Path(i['log']).parent.parent/'mlflow-auth.db'})" if n == "mlflow" else "")
 
 def _keep_kernel(wd: Path, timeout: float) -> int:
     "Start the warm kernel's keeper (`fruitflow.warm`) in the environment a run in `wd` gets, unless it runs; wait for its first kernel. 1 if that failed."
@@ -205,12 +244,18 @@ def _keep_kernel(wd: Path, timeout: float) -> int:
     return 0
 
 def status(args) -> int:
-    "`fruitflow status`: each server's URL, pid, health and log; exit code 1 when one is not running."
-    r = running(Path(args.workdir))
+    "`fruitflow status`: each server's URL, pid, health and log, or the URL and health of one the environment names elsewhere; exit code 1 when one is missing."
+    auth.load()  # a credentials file's, for the servers that ask
+    r, elsewhere, answers = running(Path(args.workdir)), _elsewhere(), {}
     for n in SERVERS:
         if i := r.get(n):
-            print(f"{n:8} {i['url']:24} pid {i['pid']:<8} "
-                  f"{'healthy' if _healthy(i) else 'NOT ANSWERING'}  log {i['log']}")
+            print(f"{n:8} {i['url']:24} pid {i['pid']:<8} {'healthy' if _healthy(i) else 'NOT ANSWERING'}"
+                  f"{', password' if i.get('auth') else ''}  log {i['log']}")
+        elif url := elsewhere.get(n):
+            why = auth.refused(n, url + API[n]) if (ok := _healthy(dict(name=n, url=url))) else None
+            answers[n] = ok and not why
+            print(f"{n:8} {url:24} {'from the environment':21} {'healthy' if ok else 'NOT ANSWERING'}"
+                  f"{'; ' + why if why else ''}")
         else: print(f"{n:8} not running")
     # `fruitflow lab`
     if i := running(Path(args.workdir), ("lab",)).get("lab"):
@@ -220,7 +265,13 @@ def status(args) -> int:
         from fruitflow.warm import offer
         print(f"kernel   {'warm, pid ' + str(o['pid']) if (o := offer(Path(args.workdir))) else 'starting':24} keeper "
               f"pid {i['pid']:<8} log {i['log']}")
-    return 0 if len(r) == len(SERVERS) else 1
+    return 0 if all(n in r or answers.get(n) for n in SERVERS) else 1
+
+def _elsewhere() -> dict[str, str]:
+    "The servers the environment names (`PREFECT_API_URL`, `MLFLOW_TRACKING_URI`): name → URL, as `running`'s are."
+    urls = {"prefect": os.environ.get("PREFECT_API_URL", "").rstrip("/").removesuffix(API["prefect"]),
+            "mlflow": os.environ.get("MLFLOW_TRACKING_URI", "").rstrip("/")}
+    return {n: u for n, u in urls.items() if u.startswith(("http://", "https://"))}
 
 def down(args) -> int:
     "`fruitflow down`: stop the servers `up` (and `fruitflow lab`) started over the work folder, and nothing else."
@@ -243,7 +294,10 @@ def add_parsers(sub) -> None:
                    help="keep no warm kernel for the next run (default: one waits, its modules "
                         "imported; see fruitflow.warm)")
     u.add_argument("--host", default=HOST, help=f"address both servers listen on (default {HOST}: this machine only; "
-                                                "another warns, see docs/scale-out.md)")
+                                                "another needs credentials, see docs/scale-out.md)")
+    u.add_argument("--auth", action="store_true",
+                   help="ask for credentials on 127.0.0.1 too (another --host always does): "
+                        f"{auth.PREFECT}, {auth.USER}, {auth.PASSWORD} or {auth.FILE}")
     u.add_argument("--database", default="", metavar="URL",
                    help="keep both servers' state in PostgreSQL: postgresql://USER[:PASSWORD]@HOST:PORT (databases "
                         "fruitflow_prefect, fruitflow_mlflow, created when missing; default: SQLite files here)")
@@ -258,6 +312,7 @@ def add_parsers(sub) -> None:
 def env_defaults(workdir: Path):
     "Set fruitflow's defaults for Prefect, TensorFlow and MLflow where the user set nothing; servers `up` started over `workdir` are used."
     import fruitflow
+    auth.load()  # credentials from $FRUITFLOW_CREDENTIALS' file, for this process and what it starts
     # the work folder's, not ~/.prefect
     if not fruitflow.PREFECT_HOME_CHOSEN: os.environ["PREFECT_HOME"] = str(Path(workdir).resolve()/PREFECT_HOME)
     for k, v in {**env_from_servers(workdir),  # PREFECT_API_URL, MLFLOW_TRACKING_URI of running dashboards

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib, datetime, json, os, signal, sys
 from pathlib import Path
 from .config import ARTIFACTS, NOTEBOOKS, Config, one_line
+from .auth import refused
 from .notebooks import StepFailed
 from .state import OnlyDone, Progress, ResumeError
 
@@ -32,6 +33,7 @@ def check_server(uri: str):
     if why := unreachable(uri):
         raise ServerUnreachable(f"the MLflow server at {uri} is unreachable ({why}): start it (fruitflow up) or "
                                 "unset MLFLOW_TRACKING_URI")
+    if why := refused("mlflow", uri): raise ServerUnreachable(why)  # credentials missing or wrong
 
 @contextlib.contextmanager
 def _store_lock(uri: str):

@@ -95,6 +95,19 @@ def test_bad_database_url_is_one_line_without_the_password(tmp_path):
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "fruitflow up: error: --database: PostgreSQL at fruit@127.0.0.1" in p.stderr, p.stderr
     assert SECRET not in p.stdout + p.stderr
 
+@pytest.mark.quick
+def test_up_beyond_loopback_refuses_without_credentials(tmp_path):
+    "One line saying how to give them; nothing started."
+    p = fruitflow("up", "--host", "0.0.0.0", "--prefect-port", free_port(), "--mlflow-port", free_port(), workdir=tmp_path, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "fruitflow up: error: --host 0.0.0.0 lets other machines reach both servers, so both ask for a password: missing PREFECT_API_AUTH_STRING" in p.stderr
+    assert "FRUITFLOW_CREDENTIALS" in p.stderr and not (tmp_path/".fruitflow"/"prefect.json").exists()
+    f = tmp_path/"credentials"  # a file others can read is refused before it is read
+    f.write_text("PREFECT_API_AUTH_STRING=fruit:s3cret\nMLFLOW_TRACKING_USERNAME=admin\nMLFLOW_TRACKING_PASSWORD=s3cret-s3cret\n")
+    f.chmod(0o644)
+    p = fruitflow("up", "--auth", "--prefect-port", free_port(), "--mlflow-port", free_port(), workdir=tmp_path, env={"FRUITFLOW_CREDENTIALS": str(f)}, timeout=120)
+    assert p.returncode == 1 and p.stderr == f"fruitflow up: error: --auth: FRUITFLOW_CREDENTIALS: {f} can be read by others (mode 644): chmod 600 {f}\n", p.stderr
+
 @pytest.mark.long
 def test_two_workers_two_runs_on_postgresql(tmp_path, postgres):
     team, pp, mp = tmp_path/"team", free_port(), free_port()
@@ -190,21 +203,30 @@ def test_sweep_on_a_separately_started_dask_cluster(tmp_path, prefect_api):
             except subprocess.TimeoutExpired: pr.kill()
         for l in logs: l.close()
 
-def test_up_on_another_address_warns_and_keeps_the_guards(tmp_path):
-    "`up --host 0.0.0.0` warns; Prefect asks for the basic auth of PREFECT_SERVER_API_AUTH_STRING, MLflow refuses host names not in MLFLOW_SERVER_ALLOWED_HOSTS."
+def test_up_on_another_address_asks_for_passwords_and_keeps_the_guards(tmp_path):
+    "`up --host 0.0.0.0` with credentials: Prefect asks for its auth string, MLflow for its admin's password, and still refuses host names not in MLFLOW_SERVER_ALLOWED_HOSTS."
     import base64, urllib.error, urllib.request
     pp, mp, auth = free_port(), free_port(), f"fruit:{secrets.token_hex(6)}"
-    env = {"PREFECT_SERVER_API_AUTH_STRING": auth, "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{mp},fruit.example:{mp}"}
+    user, password = "admin", secrets.token_hex(8)
+    env = {"PREFECT_API_AUTH_STRING": auth, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password,
+           "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{mp},fruit.example:{mp}"}
     up = fruitflow("up", "--host", "0.0.0.0", "--prefect-port", pp, "--mlflow-port", mp, "--no-warm-kernel", workdir=tmp_path, env=env, timeout=600)  # the guards are the point, not a kernel
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        assert "warning: the servers listen on 0.0.0.0" in up.stderr and "Prefect asks for basic auth" in up.stderr and auth not in up.stdout + up.stderr, up.stderr
+        assert "the servers listen on 0.0.0.0" in up.stderr and "ask for the credentials given" in up.stderr, up.stderr
+        assert auth not in up.stdout + up.stderr and password not in up.stdout + up.stderr
         def status(url, headers={}):
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r: return r.status
             except urllib.error.HTTPError as e: return e.code
-        basic = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
-        assert (status(f"http://127.0.0.1:{pp}/api/admin/version"), status(f"http://127.0.0.1:{pp}/api/admin/version", basic)) == (401, 200)
+        basic = lambda pair: {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+        assert (status(f"http://127.0.0.1:{pp}/api/admin/version"), status(f"http://127.0.0.1:{pp}/api/admin/version", basic(auth))) == (401, 200)
         search = f"http://127.0.0.1:{mp}/api/2.0/mlflow/experiments/search?max_results=1"
-        assert (status(search, {"Host": f"fruit.example:{mp}"}), status(search, {"Host": f"evil.example:{mp}"})) == (200, 403)
+        mine = basic(f"{user}:{password}")
+        assert (status(search), status(search, mine | {"Host": f"fruit.example:{mp}"}), status(search, mine | {"Host": f"evil.example:{mp}"})) == (401, 200, 403)
+        st = fruitflow("status", workdir=tmp_path, env=env)
+        assert st.returncode == 0 and st.stdout.count("healthy, password") == 2, st.stdout + st.stderr
+        wrong = fruitflow("run", "--source", "synthetic", workdir=tmp_path, env=env | {"MLFLOW_TRACKING_PASSWORD": "not-the-password"}, timeout=300)
+        assert wrong.returncode == 1 and wrong.stderr.strip().endswith("refused the credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"), wrong.stderr
+        assert "not-the-password" not in wrong.stdout + wrong.stderr
     finally: fruitflow("down", workdir=tmp_path, timeout=120)
