@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import BIN
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
-                                reason="network namespaces need root and iproute2's `ip` (CI runs as root)")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
+                                 reason="network namespaces need root and iproute2's `ip` (CI runs as root)"),
+              pytest.mark.xdist_group("hosts")]  # its module-scoped hosts and servers: one worker runs the module
 
 AUTH = {"PREFECT_API_AUTH_STRING": f"fruit:{secrets.token_hex(8)}", "MLFLOW_TRACKING_USERNAME": "admin",
         "MLFLOW_TRACKING_PASSWORD": secrets.token_hex(8)}  # 16 characters: MLflow wants 12 or more
@@ -154,41 +155,65 @@ def test_unauthenticated_requests_from_another_host_are_refused(team):
     assert not [v for v in (*AUTH.values(), PG_SECRET) if len(v) > 5 and v in texts]  # no secret in output, logs, pid files, MLflow's auth configuration
     assert "listen on " + team["hosts"]["server"].addr in up.stderr
 
-@pytest.mark.long
-def test_two_worker_hosts_two_runs(team):
-    "The deployment made from a worker host; one `fruitflow worker` on each worker host; two flow runs, one on each."
-    from mlflow import MlflowClient
-    h, root, client = team["hosts"], team["root"], team["client"]
-    w1, w2 = h["w1"], h["w2"]
+TINY = ["-p", "source=synthetic", "-p", "epochs=1", "-p", "image_size=32", "-p", "batch_size=4", "-p", "n_per_class=8",
+        "-p", "model_kind=small", "-p", "min_test_images=0"]  # plumbing: the small CNN, a champion on a tiny test split
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+@pytest.fixture(scope="module")
+def workers(team):
+    "The deployment, made from worker host w1; a `fruitflow worker` on each worker host, in a folder of its own, credentials from a 600 file on w1 and from the environment on w2."
+    h, root = team["hosts"], team["root"]
     creds = root/"credentials"
     creds.touch(0o600)
     creds.write_text("".join(f"{k}={v}\n" for k, v in AUTH.items()))
-    d = w1.run(BIN/"fruitflow", "deploy", env=clean_env(**team["urls"], FRUITFLOW_CREDENTIALS=str(creds)), cwd=root)
+    from_file = clean_env(**team["urls"], FRUITFLOW_CREDENTIALS=str(creds))
+    d = h["w1"].run(BIN/"fruitflow", "deploy", env=from_file, cwd=root)
     assert d.returncode == 0, d.stdout + d.stderr
     fast = dict(PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2")
-    workers = []
-    for host, env in ((w1, clean_env(**team["urls"], FRUITFLOW_CREDENTIALS=str(creds), **fast)), (w2, client | fast)):  # a file, the environment
-        (root/host.ns).mkdir()
-        workers.append(host.start(BIN/"fruitflow", "worker", "--name", host.ns, "--limit", "1", log=root/f"{host.ns}.log", env=env, cwd=root/host.ns))
-    tiny = ["-p", "source=synthetic", "-p", "epochs=1", "-p", "image_size=32", "-p", "batch_size=4", "-p", "n_per_class=8",
-            "-p", "model_kind=small", "-p", "min_test_images=0"]
+    procs = []
+    try:
+        for host, env in ((h["w1"], from_file | fast), (h["w2"], team["client"] | fast)):
+            (root/host.ns).mkdir()
+            procs.append(host.start(BIN/"fruitflow", "worker", "--name", host.ns, "--limit", "1", log=root/f"{host.ns}.log", env=env, cwd=root/host.ns))
+        yield dict(procs=procs, from_file=from_file)
+    finally:
+        for w in procs:
+            w.terminate()
+            try: w.wait(30)
+            except subprocess.TimeoutExpired: w.kill()
+
+def start_runs(team, n: int, *params: str) -> list[str]:
+    "Flow runs of the deployment created from worker host w1 with Prefect's CLI, as a user would: their ids."
     ids = []
-    for _ in range(2):
-        p = w1.run(BIN/"prefect", "deployment", "run", "fruitflow/fruitflow", *tiny, env=client, timeout=120)
+    for _ in range(n):
+        p = team["hosts"]["w1"].run(BIN/"prefect", "deployment", "run", "fruitflow/fruitflow", *TINY, *params, env=team["client"], timeout=120)
         assert p.returncode == 0, p.stdout + p.stderr
         ids.append(re.search(r"UUID: ([0-9a-f-]{36})", p.stdout).group(1))
-    def final():
-        states = []
-        for i in ids:
-            p = w1.run(sys.executable, "-c", "import sys; from prefect import get_client\nwith get_client(sync_client=True) as c: print(c.read_flow_run(sys.argv[1]).state.type.value)", i, env=client, timeout=120)
-            assert p.returncode == 0, p.stderr[-2000:]
-            states.append(p.stdout.strip())
-        assert all(w.poll() is None for w in workers), [(root/f"{x.ns}.log").read_text()[-2000:] for x in (w1, w2)]
-        return states if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states) else None
-    states = wait_until(final, "both flow runs final", timeout=900, every=3)
-    assert states == ["COMPLETED", "COMPLETED"], (states, [(root/f"{x.ns}.log").read_text()[-3000:] for x in (w1, w2)])
+    return ids
 
-    st = w1.run(BIN/"fruitflow", "status", env=clean_env(**team["urls"], FRUITFLOW_CREDENTIALS=str(creds)), cwd=root)
+def states(team, ids: list[str]) -> list[str]:
+    "The flow runs' state types, asked from worker host w2."
+    p = team["hosts"]["w2"].run(sys.executable, "-c", "import sys; from prefect import get_client\nwith get_client(sync_client=True) as c: print(*(c.read_flow_run(i).state.type.value for i in sys.argv[1:]))",
+                                *ids, env=team["client"], timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout.split()
+
+def worker_logs(team) -> list[str]: return [(team["root"]/f"{w.ns}.log").read_text()[-3000:] for w in (team["hosts"]["w1"], team["hosts"]["w2"])]
+
+@pytest.mark.long
+def test_two_worker_hosts_two_runs(team, workers):
+    "Two flow runs, one on each worker host's worker, with only the two URLs and credentials there."
+    h, root, client = team["hosts"], team["root"], team["client"]
+    w1, w2 = h["w1"], h["w2"]
+    ids = start_runs(team, 2)
+    def final():
+        assert all(w.poll() is None for w in workers["procs"]), worker_logs(team)
+        got = states(team, ids)
+        return got if all(s in FINAL for s in got) else None
+    got = wait_until(final, "both flow runs final", timeout=900, every=3)
+    assert got == ["COMPLETED", "COMPLETED"], (got, worker_logs(team))
+
+    st = w1.run(BIN/"fruitflow", "status", env=workers["from_file"], cwd=root)
     assert st.returncode == 0, st.stdout + st.stderr
     for line in (r"prefect +http://\S+:8080 +from the environment +healthy", r"mlflow +http://\S+:5000 +from the environment +healthy",
                  r"deployment fruitflow/fruitflow", rf"worker +{w1.ns} ", rf"worker +{w2.ns} "):
@@ -198,10 +223,12 @@ def test_two_worker_hosts_two_runs(team):
     p = w2.run(sys.executable, "-c", RUNS, env=client, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     rs = json.loads(p.stdout)
+    rs["runs"] = [r for r in rs["runs"] if r["flow_run"] in ids]
     assert sorted(r["flow_run"] for r in rs["runs"]) == sorted(ids) and {r["status"] for r in rs["runs"]} == {"FINISHED"}, rs
     assert {Path(r["run_dir"]).parent.parent.name for r in rs["runs"]} == {w1.ns, w2.ns}  # one on each worker host
     assert all(r["artifact_uri"].startswith("mlflow-artifacts:") for r in rs["runs"])  # uploaded through the proxy ...
-    assert len(list((team["team"]/"mlartifacts").rglob("05_register.ipynb"))) == 2  # ... and kept by the server host
+    for r in rs["runs"]:  # ... and kept by the server host
+        assert list((team["team"]/"mlartifacts").glob(f"*/{r['run_id']}/artifacts/notebooks/05_register.ipynb")), r
     reasons = {r["version"]: r["promotion"] for r in rs["runs"]}
     assert "no champion yet" in reasons["1"] and "≥ the champion's" in reasons["2"] and rs["champion"] == "2", rs  # one after the other
 
@@ -210,7 +237,7 @@ from mlflow import MlflowClient
 c = MlflowClient()
 rs = c.search_runs([c.get_experiment_by_name("fruitflow").experiment_id])
 print(json.dumps(dict(champion=c.get_model_version_by_alias("fruitflow", "champion").version, runs=[dict(
-    flow_run=r.data.tags["prefect.flow_run_id"], status=r.info.status, run_dir=r.data.tags["run_dir"], artifact_uri=r.info.artifact_uri,
+    flow_run=r.data.tags["prefect.flow_run_id"], run_id=r.info.run_id, status=r.info.status, run_dir=r.data.tags["run_dir"], artifact_uri=r.info.artifact_uri,
     version=r.data.tags.get("registered_version", ""), promotion=r.data.tags.get("promotion", "")) for r in rs])))
 """
 
@@ -249,3 +276,31 @@ rs = c.search_runs([c.get_experiment_by_name("fruitflow").experiment_id], "tags.
 trials = c.search_runs([c.get_experiment_by_name("fruitflow").experiment_id], f"tags.mlflow.parentRunId = '{rs[0].info.run_id}'")
 print(json.dumps([dict(status=t.info.status, pid=t.data.tags["process_id"]) for t in trials]))
 """
+
+@pytest.mark.long
+def test_a_worker_hosts_link_cut_mid_run_and_restored(team, workers):
+    """The cable of the worker host running a flow run pulled out for 30 s during its train step, then plugged back.
+    Nothing is left RUNNING: the flow run ends, its MLflow run ends, and the worker, reconnected, runs the next one."""
+    h, root = team["hosts"], team["root"]
+    before = {d for w in (h["w1"], h["w2"]) for d in (root/w.ns/"runs").glob("*")}
+    (fid,) = start_runs(team, 1, "-p", "epochs=3")
+    def training():  # the host whose new run folder has reached the train step
+        return next((w for w in (h["w1"], h["w2"]) for d in (root/w.ns/"runs").glob("*") if d not in before and (d/"03_train.ipynb").exists()), None)
+    host = wait_until(training, "the run reaching its train step", timeout=600, every=0.5)
+    host.link(False)
+    cut = time.monotonic()
+    time.sleep(30)
+    host.link(True)
+    back = time.monotonic()
+    final = lambda i: lambda: s if (s := states(team, [i]))[0] in FINAL else None
+    got = wait_until(final(fid), "the flow run ending after the link came back", timeout=600, every=2)
+    ended = time.monotonic() - back
+    p = h["w2"].run(sys.executable, "-c", RUNS, env=team["client"], timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run,) = [r for r in json.loads(p.stdout)["runs"] if r["flow_run"] == fid]
+    pending = list(Path(run["run_dir"]).glob("pending.json"))
+    print(f"link cut for {back - cut:.0f} s on {host.ns}: flow run {got[0]} {ended:.0f} s after it came back; MLflow run {run['status']}; pending.json {'kept' if pending else 'none'}")
+    assert run["status"] in ("FINISHED", "FAILED") and not pending, (run, worker_logs(team))
+    assert all(w.poll() is None for w in workers["procs"]), worker_logs(team)  # the worker reconnected ...
+    (nid,) = start_runs(team, 1)
+    assert wait_until(final(nid), "the next flow run", timeout=600, every=2) == ["COMPLETED"], worker_logs(team)  # ... and works
