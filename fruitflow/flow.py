@@ -55,14 +55,15 @@ class PreparedFlow(Flow):
         options = {k: v for k, v in kwargs.items() if k in Config.model_fields}
         with prepared(checked(**options)): return super().__call__(*args, **kwargs)
 
-@partial(PreparedFlow, name="fruitflow")  # Prefect's `@flow`, prepared when called (a worker prepares its flow runs)
+@partial(PreparedFlow, name="fruitflow")  # Prefect's `@flow`, prepared when called from Python
 @takes_options  # its parameters are the run options, declared once, in `Config`
 def pipeline(**options) -> dict:
     "download → preprocess → train → evaluate → register, in one MLflow run; what the steps glued."
     cfg = checked(**options)  # a bad value is one line, before anything starts
     if cfg.resume or cfg.from_step or cfg.only: cfg = resume_config(cfg)  # the options the run was started with
     got = {}
-    with tracking.pipeline_run(cfg) as run, kernels.for_run(cfg) as kernel:
+    # a worker's flow run is prepared here: Prefect's engine calls this function, not the flow
+    with prepared(cfg), tracking.pipeline_run(cfg) as run, kernels.for_run(cfg) as kernel:
         manifest = str(run.dir/"manifest.csv")
         got |= step("download", dict(data_root=str(data_dir(cfg.workdir)), manifest_path=manifest), run, kernel)
         got |= step("preprocess", dict(manifest_path=manifest, out_dir=str(run.dir/"split")), run, kernel)
