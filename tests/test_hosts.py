@@ -52,6 +52,11 @@ class Host:
         sh("ip", "-n", self.hub, "link", "set", self.port, "up" if up else "down")
     def pids(self) -> list[int]: return [int(p) for p in sh("ip", "netns", "pids", self.ns, check=False).stdout.split()]
 
+def alive(pid: int) -> bool:
+    "Is process `pid` running (not gone, not a zombie)?"
+    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError): return False
+
 @contextlib.contextmanager
 def hosts(*names: str):
     "Namespaces `names` on a private bridge, with addresses NET.1, NET.2, ...; every process in them killed and every namespace and link removed at the end, whatever happened."
@@ -74,6 +79,7 @@ def hosts(*names: str):
             out[n] = Host(ns, f"{NET}.{i}", a, hub)
         yield out
     finally:
+        stuck = []
         for ns in made:  # every process still in a namespace, then the namespace (its links go with it)
             pids = [int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
             for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -81,9 +87,14 @@ def hosts(*names: str):
                     with contextlib.suppress(ProcessLookupError): os.kill(p, sig)
                 end = time.monotonic() + 20
                 while pids and time.monotonic() < end:
-                    pids = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in (Path(f"/proc/{p}/stat").read_text(errors="replace").rsplit(")", 1)[-1][:3])]
+                    pids = [p for p in pids if alive(p)]
                     time.sleep(0.2)
+            stuck += pids
         for ns in reversed(made): sh("ip", "netns", "del", ns, check=False)
+        for i in range(1, len(names) + 1): sh("ip", "link", "del", f"{tag}v{i}a", check=False)  # made, not yet moved
+        left = [f"process {p}" for p in stuck] + [l for l in sh("ip", "netns", "list").stdout.splitlines() if l.startswith(tag)]
+        left += [l for l in sh("ip", "-o", "link").stdout.splitlines() if f" {tag}v" in l]
+        assert not left, f"left behind: {left}"  # processes, namespaces, links
 
 def http_status(host: Host, url: str, auth: str = "") -> int:
     "The HTTP status `url` answers from `host` (basic auth `user:password` if given)."
@@ -126,11 +137,12 @@ def team(tmp_path_factory):
             with open(pg/"data"/"pg_hba.conf", "a") as f: f.write(f"host all fruit {NET}.0/24 scram-sha-256\n")  # the link's hosts
             as_pg(pg_ctl, "-D", pg/"data", "-l", pg/"server.log", "-w", "-o", f"-p 5432 -k {pg} -c listen_addresses={srv.addr}", "start")
             team_dir = root/"team"; team_dir.mkdir()
-            up = srv.run(BIN/"fruitflow", "up", "--host", srv.addr, "--database", f"postgresql://fruit:{PG_SECRET}@{srv.addr}:5432",
-                         "--no-warm-kernel", "--workdir", team_dir, env=clean_env(**AUTH), timeout=600)
+            up_again = lambda: srv.run(BIN/"fruitflow", "up", "--host", srv.addr, "--database", f"postgresql://fruit:{PG_SECRET}@{srv.addr}:5432",
+                                       "--no-warm-kernel", "--workdir", team_dir, env=clean_env(**AUTH), timeout=600)
+            up = up_again()
             assert up.returncode == 0, up.stdout + up.stderr
             urls = dict(PREFECT_API_URL=f"http://{srv.addr}:8080/api", MLFLOW_TRACKING_URI=f"http://{srv.addr}:5000")
-            yield dict(hosts=h, up=up, root=root, team=team_dir, urls=urls, client=clean_env(**urls, **AUTH))
+            yield dict(hosts=h, up=up, up_again=up_again, root=root, team=team_dir, urls=urls, client=clean_env(**urls, **AUTH))
         finally:
             srv.run(BIN/"fruitflow", "down", "--workdir", root/"team", env=clean_env(**AUTH))
             with contextlib.suppress(subprocess.SubprocessError): as_pg(pg_ctl, "-D", pg/"data", "-m", "fast", "-w", "stop")
@@ -235,8 +247,11 @@ def test_two_worker_hosts_two_runs(team, workers):
 RUNS = """import json
 from mlflow import MlflowClient
 c = MlflowClient()
-rs = c.search_runs([c.get_experiment_by_name("fruitflow").experiment_id])
-print(json.dumps(dict(champion=c.get_model_version_by_alias("fruitflow", "champion").version, runs=[dict(
+rs = [r for r in c.search_runs([c.get_experiment_by_name("fruitflow").experiment_id])
+      if r.data.tags.get("sweep") != "true" and "mlflow.parentRunId" not in r.data.tags]  # pipeline runs, not a sweep's
+try: champion = c.get_model_version_by_alias("fruitflow", "champion").version
+except Exception: champion = ""  # none yet
+print(json.dumps(dict(champion=champion, runs=[dict(
     flow_run=r.data.tags["prefect.flow_run_id"], run_id=r.info.run_id, status=r.info.status, run_dir=r.data.tags["run_dir"], artifact_uri=r.info.artifact_uri,
     version=r.data.tags.get("registered_version", ""), promotion=r.data.tags.get("promotion", "")) for r in rs])))
 """
@@ -276,6 +291,66 @@ rs = c.search_runs([c.get_experiment_by_name("fruitflow").experiment_id], "tags.
 trials = c.search_runs([c.get_experiment_by_name("fruitflow").experiment_id], f"tags.mlflow.parentRunId = '{rs[0].info.run_id}'")
 print(json.dumps([dict(status=t.info.status, pid=t.data.tags["process_id"]) for t in trials]))
 """
+
+def new_run_folder(team, before: set, step: str):
+    "The worker host, and the folder, of the run that is not in `before` once it has reached `step` (a notebook's name)."
+    h, root = team["hosts"], team["root"]
+    return next(((w, d) for w in (h["w1"], h["w2"]) for d in (root/w.ns/"runs").glob("*") if d not in before and (d/step).exists()), None)
+
+def run_folders(team) -> set: return {d for w in (team["hosts"]["w1"], team["hosts"]["w2"]) for d in (team["root"]/w.ns/"runs").glob("*")}
+
+def mlflow_run(team, flow_run: str) -> dict:
+    "The MLflow run of `flow_run`, asked from worker host w2."
+    p = team["hosts"]["w2"].run(sys.executable, "-c", RUNS, env=team["client"], timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run,) = [r for r in json.loads(p.stdout)["runs"] if r["flow_run"] == flow_run]
+    return run
+
+def ended(team, fid: str, timeout: float = 600) -> str:
+    "The flow run's final state type, once it has one."
+    return wait_until(lambda: s[0] if (s := states(team, [fid]))[0] in FINAL else None, f"flow run {fid} final", timeout=timeout, every=2)
+
+def settled(team, workers, fid: str) -> tuple[dict, str]:
+    """The MLflow run of flow run `fid` once it is no longer RUNNING, and how: at once, or by the next runs on the workers
+    (a run ending kept in `pending.json` while the server did not answer is applied by the next run in that folder;
+    two runs at once give each worker one, as in `test_two_worker_hosts_two_runs`)."""
+    run = mlflow_run(team, fid)
+    if run["status"] != "RUNNING": return run, "at once"
+    assert (Path(run["run_dir"])/"pending.json").exists(), run  # kept, not lost
+    ids = start_runs(team, 2)
+    assert [ended(team, i) for i in ids] == ["COMPLETED"] * 2, worker_logs(team)
+    return mlflow_run(team, fid), "by the next run in its folder"
+
+def kill_server(team, name: str) -> None:
+    "Stop server `name` of the server host as a crash would (SIGKILL to its process group), and wait until it is gone."
+    pid = json.loads((team["team"]/".fruitflow"/f"{name}.json").read_text())["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid), f"{name} gone", timeout=60, every=0.2)
+
+@pytest.mark.long
+@pytest.mark.parametrize("name", ["mlflow", "prefect"])
+def test_a_server_restarted_under_a_running_flow_run(team, workers, name):
+    """The MLflow server (or Prefect's) killed during a worker's train step and started again 10 s later with
+    `fruitflow up`: the flow run ends, its MLflow run ends (at once, or by the next run in that worker's folder from
+    its `pending.json`), and both workers, reconnected, run the next runs."""
+    before = run_folders(team)
+    (fid,) = start_runs(team, 1, "-p", "epochs=3")
+    host, folder = wait_until(lambda: new_run_folder(team, before, "03_train.ipynb"), "the run reaching its train step", timeout=600, every=0.5)
+    kill_server(team, name)
+    t0 = time.monotonic()
+    time.sleep(10)
+    up = team["up_again"]()
+    assert up.returncode == 0 and f"{'mlflow' if name == 'prefect' else 'prefect'} is already running" in up.stdout, up.stdout + up.stderr
+    back = time.monotonic()
+    state = ended(team, fid)
+    took = time.monotonic() - back
+    run, how = settled(team, workers, fid)
+    print(f"{name} down for {back - t0:.0f} s on the server host under a run on {host.ns}: flow run {state} {took:.0f} s after it was back; "
+          f"MLflow run {run['status']} ({how})")
+    assert run["status"] in ("FINISHED", "FAILED") and not (folder/"pending.json").exists(), (run, worker_logs(team))
+    assert all(w.poll() is None for w in workers["procs"]), worker_logs(team)
+    if how == "at once":  # the workers take the next runs
+        assert [ended(team, i) for i in start_runs(team, 2)] == ["COMPLETED"] * 2, worker_logs(team)
 
 @pytest.mark.long
 def test_a_worker_hosts_link_cut_mid_run_and_restored(team, workers):

@@ -108,6 +108,21 @@ def test_up_beyond_loopback_refuses_without_credentials(tmp_path):
     p = fruitflow("up", "--auth", "--prefect-port", free_port(), "--mlflow-port", free_port(), workdir=tmp_path, env={"FRUITFLOW_CREDENTIALS": str(f)}, timeout=120)
     assert p.returncode == 1 and p.stderr == f"fruitflow up: error: --auth: FRUITFLOW_CREDENTIALS: {f} can be read by others (mode 644): chmod 600 {f}\n", p.stderr
 
+def test_mlflows_admin_keeps_the_password_of_its_first_start(tmp_path):
+    "`up --auth` again with another password: MLflow's basic-auth app kept the first, so `up` says so in one line and stops what it started."
+    pp, mp = free_port(), free_port()
+    env = {"PREFECT_API_AUTH_STRING": f"fruit:{secrets.token_hex(6)}", "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": secrets.token_hex(8)}
+    args = ("up", "--auth", "--prefect-port", pp, "--mlflow-port", mp, "--no-warm-kernel")
+    try:
+        assert (up := fruitflow(*args, workdir=tmp_path, env=env, timeout=600)).returncode == 0, up.stdout + up.stderr
+        fruitflow("down", workdir=tmp_path, timeout=120)
+        again = fruitflow(*args, workdir=tmp_path, env=env | {"MLFLOW_TRACKING_PASSWORD": "another-password-1"}, timeout=600)
+        assert again.returncode == 1 and again.stderr.count("\n") == 1, again.stderr
+        assert "refused the credentials (HTTP 401)" in again.stderr and f"keeps the password of its first start, in {tmp_path.resolve()/'mlflow-auth.db'}" in again.stderr, again.stderr
+        assert "another-password-1" not in again.stdout + again.stderr
+        assert not (tmp_path/".fruitflow"/"mlflow.json").exists() and not (tmp_path/".fruitflow"/"prefect.json").exists()  # stopped again
+    finally: fruitflow("down", workdir=tmp_path, timeout=120)
+
 @pytest.mark.long
 def test_two_workers_two_runs_on_postgresql(tmp_path, postgres):
     team, pp, mp = tmp_path/"team", free_port(), free_port()
