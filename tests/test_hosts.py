@@ -20,6 +20,7 @@ import contextlib, json, os, pwd, re, secrets, shutil, signal, subprocess, sys, 
 from pathlib import Path
 import pytest
 from conftest import BIN
+from test_scale_out import pg_tool
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                                  reason="network namespaces need root and iproute2's `ip` (CI runs as root)"),
@@ -112,10 +113,6 @@ def wait_until(check, what: str, timeout: float = 300, every: float = 1):
         if got := check(): return got
         time.sleep(every)
     pytest.fail(f"{what}: not within {timeout} s")
-
-def pg_tool(name: str) -> str|None:
-    if found := shutil.which(name): return found
-    return next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)), None)
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
