@@ -4,7 +4,7 @@
 
 # %% ../nbs/24_auth.ipynb #02f4c8c0
 from __future__ import annotations
-import base64, json, os, secrets, stat, urllib.error, urllib.request
+import base64, os, secrets, stat, urllib.error, urllib.request
 from pathlib import Path
 
 # %% auto #0
@@ -15,7 +15,7 @@ __all__ = ['PREFECT', 'USER', 'PASSWORD', 'KEYS', 'FILE', 'LOOPBACK', 'MIN_PASSW
 PREFECT = "PREFECT_API_AUTH_STRING"  # user:password, which Prefect's clients send
 USER, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"  # which MLflow's clients send
 KEYS = (PREFECT, USER, PASSWORD)
-FILE = "FRUITFLOW_CREDENTIALS"  # names a file of KEYS=VALUE lines that only its owner can read
+FILE = "FRUITFLOW_CREDENTIALS"  # names a file of KEY=VALUE lines (of KEYS) that only its owner can read
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # addresses no other machine reaches
 MIN_PASSWORD = 12  # MLflow's basic-auth app refuses a shorter admin password
 HOW = (f"set {PREFECT}=user:password, {USER} and {PASSWORD} in the environment, or {FILE} to a file of those "
