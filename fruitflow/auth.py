@@ -91,7 +91,7 @@ def refused(name: str,  # prefect or mlflow
     try:
         with urllib.request.urlopen(req, timeout=timeout): return None
     except urllib.error.HTTPError as e:
-        if e.code not in (401, 403): return None
+        if e.code != 401: return None  # a 403 is MLflow's allowed-hosts check, say: its own message follows
         need = PREFECT if name == "prefect" else f"{USER} and {PASSWORD}"
         return (f"the {'Prefect' if name == 'prefect' else 'MLflow'} server at {url} "
                 f"{'refused the credentials' if headers(name) else 'asks for credentials'} (HTTP {e.code}): set {need}")
